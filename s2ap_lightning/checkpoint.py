@@ -1,0 +1,86 @@
+"""Safe checkpoint loading and the ``init_from`` hand-off between stages.
+
+Every file is loaded with ``weights_only=True``: a checkpoint from someone else must never run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded, or does not fit the model."""
+
+
+def load_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: it needs "
+            f"arbitrary code to unpickle, which this project refuses ({err})"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({err})") from err
+
+
+def model_state_dict(obj: Any, prefix: str = "model.") -> dict[str, Tensor]:
+    """The plain model's weights from a Lightning checkpoint of any stage or a plain state dict."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        state = obj["state_dict"]
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values()):
+        # Plain state dicts, including ones saved from DataParallel/DDP wrappers.
+        return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise CheckpointError("file is neither a Lightning checkpoint nor a plain state dict")
+
+
+def stored_masks(obj: Any) -> dict[str, Tensor] | None:
+    """The masks a mask-search or finetuning checkpoint stores, if any."""
+    if isinstance(obj, dict) and isinstance(obj.get("masks"), dict):
+        return {k: v.float() for k, v in obj["masks"].items()}
+    return None
+
+
+def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Fail with the missing, unexpected and mis-shaped keys named."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
+    if missing or unexpected or shapes:
+
+        def short(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        raise CheckpointError(
+            f"{source} does not fit the model {type(model).__name__}: "
+            f"missing keys [{short(missing)}], unexpected keys [{short(unexpected)}], "
+            f"shape mismatches [{short(shapes)}]. Check the `model` name and num_classes."
+        )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> Any:
+    """Load the plain weights of ``path`` into ``model`` strictly; returns the loaded object."""
+    obj = load_file(path)
+    try:
+        state = model_state_dict(obj)
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(path)!r}: {err}") from err
+    check_compatible(model, state, f"init_from={str(path)!r}")
+    model.load_state_dict(state, strict=True)
+    return obj

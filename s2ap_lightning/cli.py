@@ -1,0 +1,93 @@
+"""The ``s2ap`` command: LightningCLI for ``fit | validate | test``, plus the project's tools.
+
+Examples:
+    s2ap fit --config configs/data/digits.yaml --config configs/stages/pretrain.yaml
+    s2ap export runs/digits/finetune/best.ckpt --out pruned.pt
+    s2ap demo
+
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.stages import RobustTask
+
+
+class S2APCLI(LightningCLI):
+    """Links what the data knows into the model and keeps the best checkpoint by robust accuracy."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/robust_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+
+
+def _export(argv: list[str]) -> int:
+    from s2ap_lightning.export import export
+
+    parser = argparse.ArgumentParser(
+        prog="s2ap export",
+        description=(
+            "Write a mask-search or finetuning checkpoint as a plain state dict of the architecture, "
+            "pruned weights exactly zero; loads with torch.load(weights_only=True) and strict=True."
+        ),
+    )
+    parser.add_argument("checkpoint", help="checkpoint of the prune or finetune stage")
+    parser.add_argument("--out", required=True, help="output .pt file")
+    args = parser.parse_args(argv)
+    print(export(args.checkpoint, args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from s2ap_lightning.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "export": _export,
+}
+
+
+def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
+    """LightningCLI over every stage (``--model RobustPretrainer | ScoreSpaceSAMPruner | ...``)."""
+    return S2APCLI(
+        RobustTask,
+        RobustDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "s2ap: " + ", ".join(TOOLS) + " are further commands"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](args[1:])
+    run_cli(None if argv is None else args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Export a pruned model as a plain state dict with exact zeros."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from s2ap_lightning.checkpoint import CheckpointError, load_file, model_state_dict, stored_masks
+from s2ap_lightning.models import build_model
+from s2ap_lightning.pruning.scores import prunable_weight_names
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``.
+
+    A crash during the write leaves the previous file intact: rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """Build the plain architecture a stage checkpoint was trained with."""
+    hp = checkpoint.get("hyper_parameters") or {}
+    try:
+        return build_model(hp["model"], hp["num_classes"], hp["in_channels"], hp.get("mean"), hp.get("std"))
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint has no hyper-parameter {err} to rebuild the model") from err
+
+
+def pruned_state_dict(checkpoint: dict) -> tuple[nn.Module, dict[str, Tensor]]:
+    """Plain model and its state dict ``w * M`` from a mask-search or finetuning checkpoint."""
+    model = model_from_checkpoint(checkpoint)
+    state = model_state_dict(checkpoint)
+    masks = stored_masks(checkpoint)
+    if masks is None:
+        raise CheckpointError("checkpoint stores no masks: export a mask-search or finetuning run")
+    state = dict(state)
+    for name in prunable_weight_names(model):
+        state[name] = state[name] * masks[name].to(state[name].dtype)
+    model.load_state_dict(state, strict=True)
+    return model, model.state_dict()
+
+
+def sparsity_table(model: nn.Module) -> tuple[list[tuple[str, int, int, float]], float]:
+    """Per prunable layer ``(name, kept, total, sparsity)`` and the global sparsity."""
+    params = dict(model.named_parameters())
+    rows = []
+    for name in prunable_weight_names(model):
+        w = params[name]
+        kept = int((w != 0).sum())
+        rows.append((name, kept, w.numel(), 1.0 - kept / w.numel()))
+    total = sum(r[2] for r in rows)
+    return rows, 1.0 - sum(r[1] for r in rows) / total
+
+
+def format_sparsity(rows: list[tuple[str, int, int, float]], global_sparsity: float) -> str:
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'layer':<{width}}  {'kept':>9}  {'total':>9}  sparsity"]
+    lines += [f"{n:<{width}}  {k:>9}  {t:>9}  {s:8.4f}" for n, k, t, s in rows]
+    lines.append(f"{'global':<{width}}  {'':>9}  {'':>9}  {global_sparsity:8.4f}")
+    return "\n".join(lines)
+
+
+def export(checkpoint_path: str | Path, out_path: str | Path) -> str:
+    """Write the pruned plain state dict; return the sparsity report."""
+    checkpoint = load_file(checkpoint_path)
+    model, state = pruned_state_dict(checkpoint)
+    atomic_torch_save(state, out_path)
+    return format_sparsity(*sparsity_table(model))

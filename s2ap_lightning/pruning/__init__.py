@@ -1,0 +1,24 @@
+"""Importance scores, top-k masks and the score-space perturbation."""
+
+from s2ap_lightning.pruning.masks import (
+    hamming_distance,
+    kept_count,
+    scaled_score_init,
+    straight_through,
+    topk_mask,
+)
+from s2ap_lightning.pruning.perturbation import frozen_bn_statistics, score_perturbation
+from s2ap_lightning.pruning.scores import ScoreSet, masked_forward, prunable_weight_names
+
+__all__ = [
+    "ScoreSet",
+    "frozen_bn_statistics",
+    "hamming_distance",
+    "kept_count",
+    "masked_forward",
+    "prunable_weight_names",
+    "scaled_score_init",
+    "score_perturbation",
+    "straight_through",
+    "topk_mask",
+]

@@ -1,0 +1,214 @@
+"""What the three stages share: a plain model, a threat model, robust metrics and SGD + cosine.
+
+Subclasses follow a ``configure_models`` / ``configure_losses`` / ``configure_metrics`` layout, and
+override :meth:`RobustTask.weights_for_eval` when the network they evaluate is not the plain model
+as it stands (the mask search evaluates ``w * M(s)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, pgd_ce
+from s2ap_lightning.attacks.losses import ROBUST_LOSSES
+from s2ap_lightning.checkpoint import load_weights
+from s2ap_lightning.models import MODELS, build_model
+from s2ap_lightning.pruning.scores import masked_forward
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming the option and its valid range when ``value`` is outside it."""
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        rng = f"{left}{lo}, {hi}{right}"
+        raise ValueError(f"{name}={value!r} is out of range: valid range is {rng}")
+
+
+class RobustTask(L.LightningModule):
+    """Base class of the stages.
+
+    Args:
+        model: architecture name (``small_cnn``, ``resnet18``, ``vgg16_bn``, ``wrn28_4``).
+        num_classes: output classes (linked from the DataModule by the CLI).
+        in_channels: input channels (linked from the DataModule by the CLI).
+        mean: per-channel input mean for normalisation inside the model (None: no normalisation).
+        std: per-channel input std, with ``mean``.
+        robust_loss: ``pgd_at``, ``trades`` or ``mart``.
+        beta: TRADES/MART trade-off.
+        eps: attack budget (L-inf: 8/255 for CIFAR/SVHN; 0.1 for digits).
+        step_size: PGD step size for training and validation attacks.
+        attack_steps: PGD steps for training and validation attacks.
+        norm: ``linf`` or ``l2``.
+        eval_pgd_steps: PGD steps of the test-time attack.
+        eval_pgd_restarts: random restarts of the test-time attack.
+        lr: SGD learning rate (cosine-annealed per epoch).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        init_from: checkpoint of the previous stage, or a plain state dict, loaded before training;
+            distinct from the Trainer's ``ckpt_path``, which resumes this same stage.
+
+    """
+
+    def __init__(
+        self,
+        model: str = "small_cnn",
+        num_classes: int = 10,
+        in_channels: int = 1,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        robust_loss: str = "pgd_at",
+        beta: float = 6.0,
+        eps: float = 8 / 255,
+        step_size: float = 2 / 255,
+        attack_steps: int = 10,
+        norm: str = "linf",
+        eval_pgd_steps: int = 50,
+        eval_pgd_restarts: int = 1,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.validate_hparams()
+        self._restored = False
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # ----------------------------------------------------------------- configuration
+    def validate_hparams(self) -> None:
+        """Fail before any training on a value outside its valid range."""
+        hp = self.hparams
+        if hp.model not in MODELS:
+            raise ValueError(f"unknown model {hp.model!r}; valid: {', '.join(sorted(MODELS))}")
+        if hp.robust_loss not in ROBUST_LOSSES:
+            raise ValueError(f"unknown robust_loss {hp.robust_loss!r}; valid: {', '.join(ROBUST_LOSSES)}")
+        check_range("num_classes", hp.num_classes, 2, None)
+        check_range("in_channels", hp.in_channels, 1, None)
+        check_range("eps", hp.eps, 0.0, None)
+        check_range("step_size", hp.step_size, 0.0, None)
+        check_range("attack_steps", hp.attack_steps, 1, None)
+        check_range("eval_pgd_steps", hp.eval_pgd_steps, 1, None)
+        check_range("eval_pgd_restarts", hp.eval_pgd_restarts, 1, None)
+        check_range("beta", hp.beta, 0.0, None)
+        check_range("lr", hp.lr, 0.0, None, low_open=True)
+        check_range("momentum", hp.momentum, 0.0, 1.0, high_open=True)
+        check_range("weight_decay", hp.weight_decay, 0.0, None)
+        self.train_attack = AttackConfig(hp.eps, hp.step_size, hp.attack_steps, hp.norm)
+        self.eval_attack = AttackConfig(hp.eps, hp.step_size, hp.eval_pgd_steps, hp.norm)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_model(hp.model, hp.num_classes, hp.in_channels, hp.mean, hp.std)
+
+    def configure_losses(self) -> None:
+        self.robust_loss = build_robust_loss(self.hparams.robust_loss, self.hparams.beta)
+
+    def configure_metrics(self) -> None:
+        def acc() -> MulticlassAccuracy:
+            return MulticlassAccuracy(self.hparams.num_classes, average="micro")
+
+        self.train_robust_acc = acc()
+        self.val_clean_acc, self.val_robust_acc = acc(), acc()
+        self.test_clean_acc, self.test_robust_acc = acc(), acc()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.trainable_parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ----------------------------------------------------------------- stage hand-off
+    def setup(self, stage: str) -> None:
+        if self.hparams.init_from and not self._restored:
+            obj = load_weights(self.model, self.hparams.init_from)
+            self.on_init_from(obj)
+            self._restored = True
+
+    def on_init_from(self, checkpoint: Any) -> None:
+        """Hook for stages that take more than the weights from the previous stage."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # State restored from this stage's own checkpoint wins over `init_from`.
+        self._restored = True
+
+    # ----------------------------------------------------------------- training
+    def log_training(self, loss: Tensor, logits_adv: Tensor, y: Tensor) -> None:
+        """Log the training loss and robust accuracy; stop on a non-finite loss."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite training loss {loss.item()} at epoch "
+                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept. "
+                "Lower the learning rate or check the data."
+            )
+        self.train_robust_acc(logits_adv.detach(), y)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/robust_acc", self.train_robust_acc)
+
+    # ----------------------------------------------------------------- evaluation
+    def weights_for_eval(self) -> Mapping[str, Tensor]:
+        """Weights substituted into the plain model when it is evaluated (none by default)."""
+        return {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return masked_forward(self.model, self.weights_for_eval(), x)
+
+    def _evaluate(
+        self, batch: tuple[Tensor, Tensor], phase: str, config: AttackConfig, restarts: int
+    ) -> None:
+        with attack_context(self.model):
+            # Clones: tensors made under inference mode cannot enter an autograd graph.
+            x, y = batch[0].clone(), batch[1].clone()
+            weights = self.weights_for_eval()
+
+            def model_fn(inp: Tensor) -> Tensor:
+                return masked_forward(self.model, weights, inp)
+
+            with torch.no_grad():
+                clean = model_fn(x)
+            x_adv = pgd_ce(model_fn, x, y, config, restarts)
+            with torch.no_grad():
+                robust = model_fn(x_adv)
+        clean_metric = getattr(self, f"{phase}_clean_acc")
+        robust_metric = getattr(self, f"{phase}_robust_acc")
+        clean_metric(clean, y)
+        robust_metric(robust, y)
+        self.log(f"{phase}/clean_acc", clean_metric, prog_bar=phase == "val")
+        self.log(f"{phase}/robust_acc", robust_metric, prog_bar=phase == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.train_attack, 1)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.eval_attack, self.hparams.eval_pgd_restarts)

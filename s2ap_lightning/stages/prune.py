@@ -1,0 +1,193 @@
+"""Stage 2: mask search over importance scores, with S2AP's score-space sharpness minimisation.
+
+One optimiser step (method reference, section 4):
+
+1. adversarial examples on the current masked model ``w * M(s)`` (mask computed once, here);
+2. during warm-up, or with ``gamma = 0``: a plain base-method (HYDRA) step, and stop;
+3. pass 1: robust loss at ``s``, backward, per-layer score gradients ``g_l``;
+4. ``s <- s + z`` with ``z_l = gamma * ||s_l|| * g_l / (||g_l|| + 1e-12)`` (second mask computation);
+5. pass 2: zero the gradients, robust loss at ``s + z`` on the same ``x_adv`` (or regenerated ones),
+   BatchNorm running statistics frozen, backward;
+6. restore ``s`` and take one optimiser step with the pass-2 gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
+from s2ap_lightning.pruning.scores import ScoreSet, masked_forward
+from s2ap_lightning.stages.base import RobustTask, check_range
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class ScoreSpaceSAMPruner(RobustTask):
+    """HYDRA mask search with S2AP; ``gamma = 0`` is plain HYDRA.
+
+    Args:
+        sparsity: pruned fraction per layer, in (0, 1): 0.9 keeps 10 % of every layer's weights.
+        gamma: relative score-space radius; 0 disables S2AP (the HYDRA baseline).
+        warmup_epochs: epochs of plain base-method steps before S2AP starts (paper: 5 of 20).
+        reuse_adversarial: pass 2 reuses pass 1's adversarial examples (default); False regenerates
+            them on the perturbed mask (about twice the cost).
+        freeze_bn: keep BatchNorm in eval mode with frozen affine parameters during the search
+            (HYDRA's default is False: affine parameters train, running statistics update).
+        ascent_sync: under data parallelism, synchronise the pass-1 gradient (a global ascent
+            direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
+        lr: score learning rate (HYDRA: 0.1).
+        **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
+
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        gamma: float = 0.01,
+        warmup_epochs: int = 5,
+        reuse_adversarial: bool = True,
+        freeze_bn: bool = False,
+        ascent_sync: bool = False,
+        lr: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(lr=lr, **kwargs)
+        self.automatic_optimization = False
+        self._eval_weights: dict[str, Tensor] | None = None
+
+    # ----------------------------------------------------------------- configuration
+    def validate_hparams(self) -> None:
+        super().validate_hparams()
+        hp = self.hparams
+        check_range("sparsity", hp.sparsity, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("gamma", hp.gamma, 0.0, None)
+        check_range("warmup_epochs", hp.warmup_epochs, 0, None)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        self.scores = self.make_scores()
+        for name, param in self.model.named_parameters():
+            module = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
+            # Weights and biases are frozen; BatchNorm affine parameters train unless freeze_bn.
+            param.requires_grad_(isinstance(module, _BN) and not self.hparams.freeze_bn)
+
+    def make_scores(self) -> ScoreSet:
+        """The score container; base methods with learnt per-layer rates return a subclass."""
+        return ScoreSet(self.model, self.hparams.sparsity)
+
+    def setup(self, stage: str) -> None:
+        restored = self._restored
+        super().setup(stage)
+        if self.hparams.init_from and not restored:
+            # Scaled score init from the loaded weights: the first mask is magnitude pruning.
+            self.scores.reinitialise(self.model)
+        self._eval_weights = None
+        if stage == "fit" and self.hparams.gamma > 0:
+            epochs = self.trainer.max_epochs
+            if epochs is not None and epochs > 0 and self.hparams.warmup_epochs >= epochs:
+                raise ValueError(
+                    f"warmup_epochs={self.hparams.warmup_epochs} is out of range: it must be smaller "
+                    f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._eval_weights = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        with torch.no_grad():
+            checkpoint["masks"] = {n: m.bool() for n, m in self.scores.masks().items()}
+
+    # ----------------------------------------------------------------- masked network
+    def weights_for_eval(self) -> Mapping[str, Tensor]:
+        if self._eval_weights is None:
+            with torch.inference_mode(False), torch.no_grad():
+                masks = self.scores.masks()
+                self._eval_weights = self.scores.effective_weights(self.model, masks, False)
+        return self._eval_weights
+
+    def _adversarial(self, masks: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        weights = self.scores.effective_weights(self.model, masks, differentiable=False)
+        return self.robust_loss.adversarial(
+            lambda inp: masked_forward(self.model, weights, inp), x, y, self.train_attack, self.model
+        )
+
+    def _loss(self, masks: Mapping[str, Tensor], x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
+        weights = self.scores.effective_weights(self.model, masks, differentiable=True)
+        return self.robust_loss(lambda inp: masked_forward(self.model, weights, inp), x, x_adv, y)
+
+    def _rank_local(self) -> contextlib.AbstractContextManager:
+        """No gradient synchronisation for the enclosed backward under DDP (pass 1, by default)."""
+        strategy = self.trainer.strategy
+        if self.hparams.ascent_sync or not hasattr(strategy, "block_backward_sync"):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def s2ap_active(self) -> bool:
+        return self.hparams.gamma > 0 and self.current_epoch >= self.hparams.warmup_epochs
+
+    # ----------------------------------------------------------------- the step
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        opt = self.optimizers()
+        if self.hparams.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+        masks = self.scores.masks()
+        x_adv = self._adversarial(masks, x, y)
+        opt.zero_grad()
+        if not self.s2ap_active():
+            out = self._loss(masks, x, x_adv, y)
+            self.manual_backward(out.loss)
+        else:
+            with self._rank_local():
+                first = self._loss(masks, x, x_adv, y)
+                self.manual_backward(first.loss)
+            scores = dict(self.scores.items())
+            grads = {n: s.grad.detach().clone() for n, s in scores.items()}
+            z = score_perturbation(scores, grads, self.hparams.gamma)
+            original = {n: s.detach().clone() for n, s in scores.items()}
+            add_(scores, z)
+            opt.zero_grad()
+            perturbed = self.scores.masks()
+            x_adv2 = x_adv if self.hparams.reuse_adversarial else self._adversarial(perturbed, x, y)
+            with frozen_bn_statistics(self.model):
+                out = self._loss(perturbed, x, x_adv2, y)
+                self.manual_backward(out.loss)
+            with torch.no_grad():
+                for name, s in scores.items():
+                    s.copy_(original[name])
+            self.log("train/loss_pass1", first.loss.detach())
+        opt.step()
+        self._eval_weights = None
+        self.log_training(out.loss, out.logits_adv, y)
+        return out.loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        for name, score in self.scores.items():
+            if not torch.isfinite(score).all():
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite scores in {name} at epoch "
+                    f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept"
+                )
+        with torch.no_grad():
+            masks = self.scores.masks()
+        self.log("prune/density", self.scores.density(masks))
+
+
+class HydraPruner(ScoreSpaceSAMPruner):
+    """The HYDRA baseline: the same mask search with the score perturbation off (``gamma = 0``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["gamma"] = 0.0
+        super().__init__(**kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -36,6 +37,16 @@ class S2APCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        # `--ckpt_path` restores with weights_only=True unless the user explicitly says otherwise: a
+        # checkpoint from someone else must not run code on load.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, {}):
+            parser.set_defaults(weights_only=True)
+        return parser
 
 
 def _export(argv: list[str]) -> int:

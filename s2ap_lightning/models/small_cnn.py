@@ -20,7 +20,7 @@ class SmallCNN(nn.Module):
         self,
         num_classes: int = 10,
         in_channels: int = 1,
-        width: int = 32,
+        width: int = 16,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:

@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -95,6 +96,14 @@ class ScoreSpaceSAMPruner(RobustTask):
                     f"warmup_epochs={self.hparams.warmup_epochs} is out of range: it must be smaller "
                     f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
                 )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from s2ap_lightning.analysis.stability import MaskStabilityCallback
+
+        # A tracker the user configured (with its own folder) wins over the default one.
+        if any(isinstance(c, MaskStabilityCallback) for c in self.trainer.callbacks):
+            return []
+        return [MaskStabilityCallback()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

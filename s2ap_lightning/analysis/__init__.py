@@ -1,0 +1,1 @@
+"""Evaluation and the analyses of the S2AP paper: accuracy, stability, sharpness, landscapes."""

@@ -1,0 +1,138 @@
+"""Mask stability: how many weights flip in or out of the mask between epochs or runs.
+
+The S2AP paper reports fewer mask flips for sharpness-aware search; the normalised Hamming distance
+(flips divided by the number of prunable weights) is that measure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class MaskHammingDistance(Metric):
+    """Normalised Hamming distance between pairs of masks, accumulated over layers.
+
+    Under data parallelism every rank holds the same masks, so the summed counts give the same ratio.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("flips", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, previous: Tensor, current: Tensor) -> None:
+        if previous.shape != current.shape:
+            raise ValueError(f"mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
+        self.flips += (previous.bool() != current.bool()).sum()
+        self.total += previous.numel()
+
+    def compute(self) -> Tensor:
+        return self.flips.float() / self.total.clamp_min(1)
+
+
+def hamming(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """Global and per-layer normalised Hamming distance between two mask sets."""
+    if set(a) != set(b):
+        raise ValueError(f"mask sets cover different layers: {sorted(set(a) ^ set(b))}")
+    total = MaskHammingDistance()
+    per_layer = {}
+    for name in a:
+        layer = MaskHammingDistance()
+        layer.update(a[name], b[name])
+        total.update(a[name], b[name])
+        per_layer[name] = float(layer.compute())
+    return float(total.compute()), per_layer
+
+
+def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Bit-packed masks (1 bit per weight) with their shapes, loadable with ``weights_only=True``."""
+    return {
+        name: {
+            "shape": list(m.shape),
+            "bits": torch.from_numpy(np.packbits(m.detach().bool().cpu().flatten().numpy())),
+        }
+        for name, m in masks.items()
+    }
+
+
+def unpack_masks(packed: Mapping[str, Any]) -> dict[str, Tensor]:
+    out = {}
+    for name, entry in packed.items():
+        shape = entry["shape"]
+        numel = int(np.prod(shape)) if shape else 1
+        bits = np.unpackbits(entry["bits"].numpy())[:numel]
+        out[name] = torch.from_numpy(bits.astype(np.float32)).view(shape)
+    return out
+
+
+def load_masks(path: str | Path) -> dict[str, Tensor]:
+    """Masks from a packed-mask file, a stage checkpoint or an exported pruned state dict."""
+    from s2ap_lightning.checkpoint import load_file, stored_masks
+
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == "s2ap-packed-masks":
+        return unpack_masks(obj["masks"])
+    masks = stored_masks(obj)
+    if masks is not None:
+        return masks
+    # An exported plain state dict: the mask is where the prunable weights are non-zero.
+    weights = {k: v for k, v in obj.items() if k.endswith(".weight") and v.dim() in (2, 4)}
+    return {k: (v != 0).float() for k, v in weights.items()}
+
+
+class MaskStabilityCallback(L.Callback):
+    """Logs, every mask-search epoch, the Hamming distance to the previous epoch's mask.
+
+    Logged as ``mask/hamming`` (global) and ``mask/hamming/<layer>``; masks are saved per epoch as
+    packed bits under ``dirpath`` (default: ``<log dir>/masks``), epoch 0 being the initial mask.
+    """
+
+    def __init__(self, dirpath: str | None = None, save_masks: bool = True) -> None:
+        self.dirpath = dirpath
+        self.save_masks = save_masks
+        self.previous: dict[str, Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def _masks(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {n: m.detach().cpu() for n, m in pl_module.scores.masks().items()}
+
+    def _save(self, trainer: L.Trainer, masks: dict[str, Tensor], tag: str) -> None:
+        if not self.save_masks or not trainer.is_global_zero:
+            return
+        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "masks")
+        root.mkdir(parents=True, exist_ok=True)
+        from s2ap_lightning.export import atomic_torch_save
+
+        atomic_torch_save({"format": "s2ap-packed-masks", "masks": pack_masks(masks)}, root / f"{tag}.pt")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.previous = self._masks(pl_module)
+        if trainer.current_epoch == 0:
+            self._save(trainer, self.previous, "init")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        current = self._masks(pl_module)
+        distance, per_layer = hamming(self.previous, current)
+        pl_module.log("mask/hamming", distance)
+        for name, value in per_layer.items():
+            pl_module.log(f"mask/hamming/{name}", value)
+        self.history.append({"epoch": trainer.current_epoch, "hamming": distance, "per_layer": per_layer})
+        self._save(trainer, current, f"epoch_{trainer.current_epoch:03d}")
+        self.previous = current
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

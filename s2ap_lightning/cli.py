@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
+from s2ap_lightning.stages.callbacks import BEST, LAST
 
 
 class S2APCLI(LightningCLI):
@@ -27,16 +28,12 @@ class S2APCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+        # best.ckpt by validation robust accuracy, and last.ckpt for `--ckpt_path` resume.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/robust_acc",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-                "checkpoint.enable_version_counter": False,
-            }
-        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({f"checkpoint.{k}": v for k, v in BEST.items()})
+        parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
 
     def _prepare_subcommand_parser(
         self, klass: type, subcommand: str, **kwargs: Any

@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from s2ap_lightning.analysis.evaluation import MaskedModel, evaluate, pgd_accuracy
@@ -26,10 +25,21 @@ from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.export import atomic_torch_save, format_sparsity, pruned_state_dict, sparsity_table
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
+from s2ap_lightning.stages.callbacks import checkpoint_callbacks
 
 COLUMNS = [
-    "method", "sparsity", "seed", "gamma", "clean_acc", "pgd_acc", "aa_acc", "n_test", "n_aa",
-    "mask_pgd_acc", "mask_hamming_last_epoch", "global_sparsity",
+    "method",
+    "sparsity",
+    "seed",
+    "gamma",
+    "clean_acc",
+    "pgd_acc",
+    "aa_acc",
+    "n_test",
+    "n_aa",
+    "mask_pgd_acc",
+    "mask_hamming_last_epoch",
+    "global_sparsity",
 ]
 
 
@@ -53,16 +63,12 @@ class DemoConfig:
 
 
 def _trainer(root: Path, epochs: int, progress: bool, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    checkpoint = ModelCheckpoint(
-        dirpath=root, filename="best", monitor="val/robust_acc", mode="max", save_last=True,
-        enable_version_counter=False,
-    )
     return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(root, name="logs"),
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[*checkpoint_callbacks(str(root)), *(callbacks or [])],
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=5,
@@ -81,8 +87,14 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    common = dict(model="small_cnn", num_classes=10, in_channels=1, eps=cfg.eps,
-                  step_size=cfg.step_size, attack_steps=10)
+    common = dict(
+        model="small_cnn",
+        num_classes=10,
+        in_channels=1,
+        eps=cfg.eps,
+        step_size=cfg.step_size,
+        attack_steps=10,
+    )
     dm = RobustDataModule("digits", batch_size=128)
     x_test, y_test = _test_tensors(dm)
     runs = [(m, s) for s in cfg.sparsities for m in ("hydra", "s2ap")]
@@ -104,8 +116,9 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     for k, (method, sparsity) in enumerate(runs):
         gamma = cfg.gamma if method == "s2ap" else 0.0
         tag = f"{method}_sp{sparsity:g}"
-        stage(2 + 2 * k, f"mask search {method} (gamma {gamma}), sparsity {sparsity}, "
-                         f"{cfg.prune_epochs} epochs")
+        stage(
+            2 + 2 * k, f"mask search {method} (gamma {gamma}), sparsity {sparsity}, {cfg.prune_epochs} epochs"
+        )
         L.seed_everything(cfg.seed, verbose=False)
         stability = MaskStabilityCallback(dirpath=str(out / tag / "masks"))
         pruner = ScoreSpaceSAMPruner(
@@ -117,7 +130,9 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         # Mask robust accuracy: the pretrained weights under the searched mask, before finetuning.
         masked_model, _ = pruned_state_dict(load_file(prune_ckpt))
         mask_pgd = pgd_accuracy(
-            MaskedModel(masked_model, {}).eval(), x_test, y_test,
+            MaskedModel(masked_model, {}).eval(),
+            x_test,
+            y_test,
             AttackConfig(cfg.eps, cfg.step_size, cfg.pgd_steps),
         )
 
@@ -131,23 +146,40 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         rows_sp, global_sp = sparsity_table(model)
         (out / tag / "sparsity.txt").write_text(format_sparsity(rows_sp, global_sp) + "\n")
         report = evaluate(
-            model, x_test, y_test, cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps,
-            aa_images=cfg.aa_images, seed=cfg.seed,
+            model,
+            x_test,
+            y_test,
+            cfg.eps,
+            cfg.step_size,
+            pgd_steps=cfg.pgd_steps,
+            aa_images=cfg.aa_images,
+            seed=cfg.seed,
         )
         for message in report.aa_warnings:
             print(f"WARNING (AutoAttack, {tag}): {message}")
-        rows.append({
-            "method": method, "sparsity": sparsity, "seed": cfg.seed, "gamma": gamma,
-            "clean_acc": report.clean_acc, "pgd_acc": report.pgd_acc, "aa_acc": report.aa_acc,
-            "n_test": report.n_images, "n_aa": report.n_aa_images, "mask_pgd_acc": mask_pgd,
-            "mask_hamming_last_epoch": stability.history[-1]["hamming"],
-            "global_sparsity": global_sp,
-        })
+        rows.append(
+            {
+                "method": method,
+                "sparsity": sparsity,
+                "seed": cfg.seed,
+                "gamma": gamma,
+                "clean_acc": report.clean_acc,
+                "pgd_acc": report.pgd_acc,
+                "aa_acc": report.aa_acc,
+                "n_test": report.n_images,
+                "n_aa": report.n_aa_images,
+                "mask_pgd_acc": mask_pgd,
+                "mask_hamming_last_epoch": stability.history[-1]["hamming"],
+                "global_sparsity": global_sp,
+            }
+        )
     write_results(rows, out / "results.csv")
     print(f"\nfinished in {time.time() - started:.0f} s\n")
     print(format_table(rows))
-    print(f"\nPGD-{cfg.pgd_steps} and clean accuracy on all {len(x_test)} test images; AutoAttack "
-          f"standard on the first {min(cfg.aa_images, len(x_test))}. Results: {out / 'results.csv'}")
+    print(
+        f"\nPGD-{cfg.pgd_steps} and clean accuracy on all {len(x_test)} test images; AutoAttack "
+        f"standard on the first {min(cfg.aa_images, len(x_test))}. Results: {out / 'results.csv'}"
+    )
     return rows
 
 
@@ -175,19 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="s2ap demo", description=__doc__)
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=defaults.sparsities,
-                        help="pruned fractions (0.9 keeps 10 %%)")
+    parser.add_argument(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=defaults.sparsities,
+        help="pruned fractions (0.9 keeps 10 %%)",
+    )
     parser.add_argument("--gamma", type=float, default=defaults.gamma)
-    for name in ("pretrain_epochs", "prune_epochs", "warmup_epochs", "finetune_epochs", "aa_images",
-                 "pgd_steps"):
+    for name in (
+        "pretrain_epochs",
+        "prune_epochs",
+        "warmup_epochs",
+        "finetune_epochs",
+        "aa_images",
+        "pgd_steps",
+    ):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = DemoConfig(
-        out=args.out, seed=args.seed, sparsities=args.sparsities, gamma=args.gamma,
-        pretrain_epochs=args.pretrain_epochs, prune_epochs=args.prune_epochs,
-        warmup_epochs=args.warmup_epochs, finetune_epochs=args.finetune_epochs,
-        aa_images=args.aa_images, pgd_steps=args.pgd_steps, progress=not args.no_progress,
+        out=args.out,
+        seed=args.seed,
+        sparsities=args.sparsities,
+        gamma=args.gamma,
+        pretrain_epochs=args.pretrain_epochs,
+        prune_epochs=args.prune_epochs,
+        warmup_epochs=args.warmup_epochs,
+        finetune_epochs=args.finetune_epochs,
+        aa_images=args.aa_images,
+        pgd_steps=args.pgd_steps,
+        progress=not args.no_progress,
     )
     run_demo(cfg)
     return 0

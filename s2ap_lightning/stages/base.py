@@ -91,6 +91,7 @@ class RobustTask(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         init_from: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -151,10 +152,17 @@ class RobustTask(L.LightningModule):
 
     # ----------------------------------------------------------------- stage hand-off
     def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if self.hparams.init_from and not self._restored:
             obj = load_weights(self.model, self.hparams.init_from)
             self.on_init_from(obj)
             self._restored = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.hparams.channels_last and batch[0].dim() == 4:
+            return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     def on_init_from(self, checkpoint: Any) -> None:
         """Hook for stages that take more than the weights from the previous stage."""

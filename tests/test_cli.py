@@ -1,0 +1,158 @@
+"""The three stages chained by `init_from` through the real `s2ap` CLI, then export."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2ap_lightning.cli import main
+from s2ap_lightning.export import sparsity_table
+from s2ap_lightning.models import build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cli(*args):
+    return main([*args])
+
+
+def stage(tmp, name, stage_cfg, epochs, *extra):
+    cli(
+        "fit",
+        "--config",
+        str(CONFIGS / "stages" / stage_cfg),
+        "--config",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--config",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp / name),
+        "--checkpoint.dirpath",
+        str(tmp / name),
+        "--data.synthetic_samples",
+        "128",
+        "--seed_everything",
+        "0",
+        *extra,
+    )
+    assert (tmp / name / "best.ckpt").is_file() and (tmp / name / "last.ckpt").is_file()
+    return tmp / name / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain")
+    pre = stage(tmp, "pretrain", "pretrain.yaml", 2)
+    prune = stage(
+        tmp,
+        "s2ap",
+        "s2ap.yaml",
+        2,
+        "--model.init_from",
+        str(pre),
+        "--model.warmup_epochs",
+        "1",
+        "--model.sparsity",
+        "0.8",
+    )
+    ft = stage(tmp, "finetune", "finetune.yaml", 1, "--model.init_from", str(prune))
+    return tmp, pre, prune, ft
+
+
+def test_prune_stage_starts_from_pretrained_weights(chained):
+    _, pre, prune, _ = chained
+    a = torch.load(pre, weights_only=True)["state_dict"]
+    b = torch.load(prune, weights_only=True)["state_dict"]
+    conv = "model.features.0.weight"
+    assert torch.equal(a[conv], b[conv]), "mask search froze the pretrained weights"
+    assert any(k.startswith("scores.") for k in b)
+    ckpt = torch.load(prune, weights_only=True)
+    assert ckpt["hyper_parameters"]["sparsity"] == 0.8
+    assert "masks" in ckpt
+
+
+def test_export_round_trip(chained, tmp_path, capsys):
+    _, _, _, ft = chained
+    out = tmp_path / "pruned.pt"
+    assert cli("export", str(ft), "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "features.0.weight" in printed and "global" in printed
+    state = torch.load(out, weights_only=True)
+    model = build_model("small_cnn", 4, 3)
+    model.load_state_dict(state, strict=True)
+    rows, global_sparsity = sparsity_table(model)
+    masks = torch.load(ft, weights_only=True)["masks"]
+    for name, kept, total, _ in rows:
+        assert kept == int(masks[name].sum()) == round(0.2 * total)
+        assert (state[name][~masks[name]] == 0).all()
+    assert abs(global_sparsity - 0.8) < 0.01
+
+
+def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
+    tmp, _, _, ft = chained
+    cli(
+        "test",
+        "--config",
+        str(CONFIGS / "stages" / "finetune.yaml"),
+        "--config",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--ckpt_path",
+        str(ft),
+        "--checkpoint.dirpath",
+        str(tmp / "test"),
+        "--trainer.default_root_dir",
+        str(tmp / "test"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.synthetic_samples",
+        "128",
+    )
+    out = capsys.readouterr().out
+    assert "test/robust_acc" in out and "test/clean_acc" in out
+
+
+def test_resume_same_stage_with_ckpt_path(chained, caplog):
+    tmp, pre, prune, _ = chained
+    last = tmp / "s2ap" / "last.ckpt"
+    before = torch.load(last, weights_only=True)["global_step"]
+    stage(
+        tmp,
+        "s2ap",
+        "s2ap.yaml",
+        3,
+        "--model.init_from",
+        str(pre),
+        "--model.warmup_epochs",
+        "1",
+        "--model.sparsity",
+        "0.8",
+        "--ckpt_path",
+        str(last),
+    )
+    ckpt = torch.load(last, weights_only=True)
+    assert before == 6, "last.ckpt is the end of epoch 2 of 2 (3 batches per epoch)"
+    assert ckpt["global_step"] == 9 and ckpt["epoch"] == 2
+    assert f"Restored all states from the checkpoint at {last}" in caplog.text
+    assert "scores.scores.features__0__weight" in ckpt["state_dict"]
+
+
+def test_bad_sparsity_fails_fast_with_range(tmp_path):
+    with pytest.raises(ValueError, match=r"sparsity=1.5.*\(0.0, 1.0\)"):
+        cli(
+            "fit",
+            "--model",
+            "ScoreSpaceSAMPruner",
+            "--model.sparsity",
+            "1.5",
+            "--data.dataset",
+            "synthetic",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        )
+    assert not any(tmp_path.iterdir())

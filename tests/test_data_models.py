@@ -1,0 +1,128 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.models import MODELS, build_model
+
+
+def test_digits_splits_are_fixed_disjoint_and_scaled():
+    a, b = RobustDataModule("digits"), RobustDataModule("digits")
+    a.setup(), b.setup()
+    assert (a.num_classes, a.in_channels, a.image_size) == (10, 1, 8)
+    assert len(a.train_set) + len(a.val_set) + len(a.test_set) == 1797
+    assert a.train_set.indices == b.train_set.indices
+    assert not set(a.train_set.indices) & set(a.val_set.indices)
+    x, _ = next(iter(a.train_dataloader()))
+    assert x.shape[1:] == (1, 8, 8) and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
+
+
+def test_unknown_dataset_lists_valid():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits.*cifar10"):
+        RobustDataModule("mnist")
+
+
+def write_cifar10(root, n=20):
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as fh:
+            pickle.dump(
+                {
+                    "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    "labels": rng.integers(0, 10, n).tolist(),
+                },
+                fh,
+            )
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
+    return base
+
+
+def patched_md5(monkeypatch, cls, base):
+    from torchvision.datasets.utils import calculate_md5
+
+    def fix(entries):
+        return [[name, calculate_md5(str(base / name))] for name, _ in entries]
+
+    monkeypatch.setattr(cls, "train_list", fix(cls.train_list))
+    monkeypatch.setattr(cls, "test_list", fix(cls.test_list))
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": calculate_md5(str(base / cls.meta["filename"]))})
+
+
+def test_cifar10_real_on_disk_format(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    base = write_cifar10(tmp_path)
+    patched_md5(monkeypatch, CIFAR10, base)
+    dm = RobustDataModule("cifar10", data_dir=str(tmp_path), batch_size=8, val_fraction=0.1)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 100 and len(dm.test_set) == 20
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    xv, _ = dm.val_set[0]
+    assert torch.equal(xv, dm.val_set[0][0]), "validation has no random augmentation"
+
+
+def test_svhn_real_on_disk_format(tmp_path, monkeypatch):
+    from scipy.io import savemat
+    from torchvision.datasets import SVHN
+    from torchvision.datasets.utils import calculate_md5
+
+    rng = np.random.default_rng(0)
+    split_list = {}
+    for split, n in (("train", 30), ("test", 10)):
+        fname = f"{split}_32x32.mat"
+        savemat(
+            tmp_path / fname,
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": rng.integers(1, 11, (n, 1)).astype(np.uint8),
+            },
+        )
+        split_list[split] = ["", fname, calculate_md5(str(tmp_path / fname))]
+    monkeypatch.setattr(SVHN, "split_list", split_list)
+    dm = RobustDataModule("svhn", data_dir=str(tmp_path), batch_size=4)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 30 and len(dm.test_set) == 10
+    labels = {int(dm.test_set[i][1]) for i in range(10)}
+    assert labels <= set(range(10)), "label 10 means digit 0"
+
+
+def test_missing_cifar_files_say_where(tmp_path):
+    dm = RobustDataModule("cifar10", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"cifar10 not found.*download: true"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_forward(name):
+    model = build_model(name, 10, 3).eval()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet18_key_names_match_the_common_cifar_variant():
+    keys = set(build_model("resnet18", 10, 3).state_dict())
+    for k in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.0.shortcut.0.weight",
+        "layer2.0.shortcut.1.running_var",
+        "layer4.1.bn2.bias",
+        "linear.weight",
+        "linear.bias",
+    ):
+        assert k in keys
+    assert not any("normalize" in k for k in keys), "normalisation statistics are not persistent"
+
+
+def test_normalisation_inside_model():
+    model = build_model("small_cnn", 10, 1, mean=[0.5], std=[0.25]).eval()
+    plain = build_model("small_cnn", 10, 1).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(model(x), plain((x - 0.5) / 0.25), atol=1e-6)

@@ -1,0 +1,118 @@
+"""The one DataModule that every stage shares."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from s2ap_lightning.data.datasets import DATASETS, DatasetInfo, digits, synthetic, torchvision_dataset
+
+
+class RobustDataModule(L.LightningDataModule):
+    """Train/val/test loaders for every dataset the project supports.
+
+    Args:
+        dataset: one of ``digits`` (default, offline), ``synthetic``, ``cifar10``, ``cifar100``,
+            ``svhn``.
+        data_dir: where the torchvision datasets live.
+        batch_size: per-device batch size.
+        val_fraction: share of the training data held out for validation (model selection).
+        split_seed: seed of the train/val(/test for digits and synthetic) split; separate from the
+            training seed so that every run of a comparison sees the same split.
+        num_workers: loader workers.
+        augment: standard crop-and-flip augmentation for the torchvision datasets.
+        download: let torchvision download the files (off: the machines it runs on are often
+            offline, and a silent multi-GB download is a surprise).
+        test_subset: evaluate only the first N test images (a fixed subset; 0 = all).
+        synthetic_samples: size of the synthetic dataset.
+        synthetic_image_size: side of the synthetic images (32 gives CIFAR-shaped data).
+        synthetic_classes: classes of the synthetic dataset.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        augment: bool = True,
+        download: bool = False,
+        test_subset: int = 0,
+        synthetic_samples: int = 512,
+        synthetic_image_size: int = 8,
+        synthetic_classes: int = 4,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")
+        if test_subset < 0:
+            raise ValueError(f"test_subset={test_subset} must be >= 0 (0 means the full test set)")
+        self.save_hyperparameters()
+        self.info = DATASETS[dataset]
+        if dataset == "synthetic":
+            self.info = DatasetInfo(synthetic_classes, self.info.in_channels, synthetic_image_size)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.in_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    def prepare_data(self) -> None:
+        if self.hparams.download and self.hparams.dataset not in ("digits", "synthetic"):
+            torchvision_dataset(
+                self.hparams.dataset, self.hparams.data_dir, self.hparams.val_fraction,
+                self.hparams.split_seed, False, True,
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        if hp.dataset == "digits":
+            splits = digits(hp.val_fraction, hp.split_seed)
+        elif hp.dataset == "synthetic":
+            splits = synthetic(hp.val_fraction, hp.split_seed, hp.synthetic_samples, self.info)
+        else:
+            splits = torchvision_dataset(
+                hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False
+            )
+        self.train_set, self.val_set, self.test_set = splits
+        if hp.test_subset:
+            self.test_set = Subset(self.test_set, range(min(hp.test_subset, len(self.test_set))))
+
+    def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)

@@ -1,0 +1,109 @@
+"""Dataset builders: every one returns ``(train, val, test)`` with inputs in [0, 1].
+
+Validation is always carved out of the training data with a fixed seed, so no model selection ever
+looks at the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(10, 1, 8),
+    "synthetic": DatasetInfo(4, 3, 8),
+    "cifar10": DatasetInfo(10, 3, 32),
+    "cifar100": DatasetInfo(100, 3, 32),
+    "svhn": DatasetInfo(10, 3, 32),
+}
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of ``range(n)``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(val_fraction * n))
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def _tensor_splits(
+    x: Tensor, y: Tensor, test_fraction: float, val_fraction: float, seed: int
+) -> tuple[Dataset, Dataset, Dataset]:
+    rest, test = split_indices(len(x), test_fraction, seed)
+    full = TensorDataset(x[rest], y[rest])
+    train, val = split_indices(len(rest), val_fraction, seed + 1)
+    return Subset(full, train), Subset(full, val), TensorDataset(x[test], y[test])
+
+
+def digits(val_fraction: float, seed: int) -> tuple[Dataset, Dataset, Dataset]:
+    """scikit-learn's 1,797 real 8x8 digits, pixel values 0..16 scaled to [0, 1]; 20 % test."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    return _tensor_splits(x, y, 0.2, val_fraction, seed)
+
+
+def synthetic(
+    val_fraction: float, seed: int, samples: int = 512, info: DatasetInfo = DATASETS["synthetic"]
+) -> tuple[Dataset, Dataset, Dataset]:
+    """A tiny learnable problem: each class is a fixed random pattern plus pixel noise.
+
+    It exists so that tests can run the real stages in seconds; a small CNN learns it in a few steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    prototypes = torch.rand(info.num_classes, *shape, generator=g)
+    y = torch.arange(samples) % info.num_classes
+    noise = 0.15 * torch.randn(samples, *shape, generator=g)
+    x = (0.2 + 0.6 * prototypes[y] + noise).clamp(0.0, 1.0)
+    return _tensor_splits(x, y, 0.2, val_fraction, seed)
+
+
+def torchvision_dataset(
+    name: str, root: str | Path, val_fraction: float, seed: int, augment: bool, download: bool
+) -> tuple[Dataset, Dataset, Dataset]:
+    """CIFAR-10/100 and SVHN through torchvision's own loaders (files in their usual format).
+
+    Augmentation is the standard random crop (padding 4) and, for CIFAR only, horizontal flip; SVHN
+    digits are not flip-invariant. SVHN uses the ``train`` split for training and validation and
+    ``test`` for testing; the ``extra`` split is not used, as in the paper's setting.
+    """
+    from torchvision import datasets, transforms
+
+    plain = transforms.ToTensor()
+    if augment:
+        aug = [transforms.RandomCrop(32, padding=4)]
+        if name.startswith("cifar"):
+            aug.append(transforms.RandomHorizontalFlip())
+        train_tf = transforms.Compose([*aug, transforms.ToTensor()])
+    else:
+        train_tf = plain
+    root = str(root)
+    try:
+        if name == "svhn":
+            make = lambda split, tf: datasets.SVHN(root, split=split, transform=tf, download=download)  # noqa: E731
+            train_full, eval_full, test = make("train", train_tf), make("train", plain), make("test", plain)
+        else:
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            make = lambda train, tf: cls(root, train=train, transform=tf, download=download)  # noqa: E731
+            train_full, eval_full, test = make(True, train_tf), make(True, plain), make(False, plain)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{name} not found or corrupted under data_dir={root!r} ({err}). Put the files there, "
+            "or set `download: true` on a machine with internet access."
+        ) from err
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    return Subset(train_full, train_idx), Subset(eval_full, val_idx), test

@@ -28,6 +28,7 @@ class RobustDataModule(L.LightningDataModule):
         synthetic_samples: size of the synthetic dataset.
         synthetic_image_size: side of the synthetic images (32 gives CIFAR-shaped data).
         synthetic_classes: classes of the synthetic dataset.
+
     """
 
     def __init__(
@@ -77,8 +78,12 @@ class RobustDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         if self.hparams.download and self.hparams.dataset not in ("digits", "synthetic"):
             torchvision_dataset(
-                self.hparams.dataset, self.hparams.data_dir, self.hparams.val_fraction,
-                self.hparams.split_seed, False, True,
+                self.hparams.dataset,
+                self.hparams.data_dir,
+                self.hparams.val_fraction,
+                self.hparams.split_seed,
+                False,
+                True,
             )
 
     def setup(self, stage: str | None = None) -> None:

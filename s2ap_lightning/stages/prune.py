@@ -170,9 +170,8 @@ class ScoreSpaceSAMPruner(RobustTask):
             with frozen_bn_statistics(self.model):
                 out = self._loss(perturbed, x, x_adv2, y)
                 self.manual_backward(out.loss)
-            with torch.no_grad():
-                for name, s in scores.items():
-                    s.copy_(original[name])
+            with torch.no_grad():  # exact restore of s (subtracting z could differ in the last bit)
+                torch._foreach_copy_(list(scores.values()), [original[n] for n in scores])
             self.log("train/loss_pass1", first.loss.detach())
         opt.step()
         self._eval_weights = None

@@ -94,7 +94,8 @@ class MaskStabilityCallback(L.Callback):
     """Logs, every mask-search epoch, the Hamming distance to the previous epoch's mask.
 
     Logged as ``mask/hamming`` (global) and ``mask/hamming/<layer>``; masks are saved per epoch as
-    packed bits under ``dirpath`` (default: ``<log dir>/masks``), epoch 0 being the initial mask.
+    packed bits under ``dirpath`` (default: ``<log dir>/masks``, nothing saved without a logger), as
+    ``init.pt`` (the mask search's starting mask) and ``epoch_NNN.pt``.
     """
 
     def __init__(self, dirpath: str | None = None, save_masks: bool = True) -> None:
@@ -110,7 +111,9 @@ class MaskStabilityCallback(L.Callback):
     def _save(self, trainer: L.Trainer, masks: dict[str, Tensor], tag: str) -> None:
         if not self.save_masks or not trainer.is_global_zero:
             return
-        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "masks")
+        if self.dirpath is None and trainer.log_dir is None:
+            return  # no logger and no folder given: nowhere sensible to write
+        root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
         root.mkdir(parents=True, exist_ok=True)
         from s2ap_lightning.export import atomic_torch_save
 

@@ -111,7 +111,7 @@ class MaskStabilityCallback(L.Callback):
     def _save(self, trainer: L.Trainer, masks: dict[str, Tensor], tag: str) -> None:
         if not self.save_masks or not trainer.is_global_zero:
             return
-        if self.dirpath is None and trainer.log_dir is None:
+        if self.dirpath is None and trainer.logger is None:
             return  # no logger and no folder given: nowhere sensible to write
         root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
         root.mkdir(parents=True, exist_ok=True)

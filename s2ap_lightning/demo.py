@@ -50,7 +50,7 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    gamma: float = 0.05
+    gamma: float = 0.01
     pretrain_epochs: int = 20
     prune_epochs: int = 10
     warmup_epochs: int = 2

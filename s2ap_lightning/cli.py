@@ -70,9 +70,19 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _analysis(name: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from s2ap_lightning.analysis.commands import COMMANDS
+
+        return COMMANDS[name](argv)
+
+    return run
+
+
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "export": _export,
+    **{name: _analysis(name) for name in ("hamming", "sharpness", "landscape", "security", "report")},
 }
 
 

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from s2ap_lightning.analysis.evaluation import MaskedModel, evaluate, pgd_accuracy
+from s2ap_lightning.analysis.report import write_report
+from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import load_file
@@ -76,9 +78,9 @@ def _trainer(root: Path, epochs: int, progress: bool, callbacks: list[L.Callback
     )
 
 
-def _test_tensors(dm: RobustDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    dm.setup("test")
-    xs, ys = zip(*[dm.test_set[i] for i in range(len(dm.test_set))], strict=True)
+def _split_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(data) if limit is None else min(limit, len(data))
+    xs, ys = zip(*[data[i] for i in range(n)], strict=True)
     return torch.stack(xs), torch.as_tensor(ys)
 
 
@@ -96,7 +98,9 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         attack_steps=10,
     )
     dm = RobustDataModule("digits", batch_size=128)
-    x_test, y_test = _test_tensors(dm)
+    dm.setup()
+    x_test, y_test = _split_tensors(dm.test_set)
+    x_val, y_val = _split_tensors(dm.val_set, 256)
     runs = [(m, s) for s in cfg.sparsities for m in ("hydra", "s2ap")]
     total = 1 + 2 * len(runs)
     started = time.time()
@@ -126,6 +130,11 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         )
         _trainer(out / tag / "prune", cfg.prune_epochs, cfg.progress, [stability]).fit(pruner, datamodule=dm)
         prune_ckpt = out / tag / "prune" / "best.ckpt"
+
+        # Score-space sharpness of the searched scores, on a fixed validation subset.
+        sharp = score_space_sharpness(
+            pruner.eval(), x_val, y_val, gamma=cfg.gamma or 0.01, max_iter=20, seed=cfg.seed
+        )
 
         # Mask robust accuracy: the pretrained weights under the searched mask, before finetuning.
         masked_model, _ = pruned_state_dict(load_file(prune_ckpt))
@@ -170,10 +179,13 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
                 "n_aa": report.n_aa_images,
                 "mask_pgd_acc": mask_pgd,
                 "mask_hamming_last_epoch": stability.history[-1]["hamming"],
+                "lambda_max": sharp.lambda_max,
+                "sharpness": sharp.sharpness,
                 "global_sparsity": global_sp,
             }
         )
     write_results(rows, out / "results.csv")
+    report = write_report(out)
     print(f"\nfinished in {time.time() - started:.0f} s\n")
     print(format_table(rows))
     print(
@@ -191,13 +203,16 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'method':<7} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8}"
+    head = (
+        f"{'method':<7} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8} "
+        f"{'lambda_max':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         aa = "n/a" if r["aa_acc"] is None else f"{r['aa_acc']:.3f}"
         lines.append(
             f"{r['method']:<7} {r['sparsity']:>8g} {r['clean_acc']:>7.3f} {r['pgd_acc']:>7.3f} {aa:>7} "
-            f"{r['mask_pgd_acc']:>9.3f} {r['mask_hamming_last_epoch']:>8.4f}"
+            f"{r['mask_pgd_acc']:>9.3f} {r['mask_hamming_last_epoch']:>8.4f} {r['lambda_max']:>10.4g}"
         )
     return "\n".join(lines)
 

@@ -79,6 +79,39 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def autoattack_adversarial(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "Linf",
+    version: str = "standard",
+    batch_size: int = 256,
+    seed: int = 0,
+) -> tuple[Tensor, list[str]]:
+    """AutoAttack (pyautoattack) adversarial examples and the warnings its own checks raised.
+
+    ``standard`` runs APGD-CE, APGD-T, FAB-T and Square. With fewer than 10 classes the targeted
+    attacks use every other class as a target.
+    """
+    from pyautoattack import AutoAttack
+
+    device = next(model.parameters()).device
+    num_classes = int(model(x[:1].to(device)).shape[1])
+    collect = _Collect()
+    logger = logging.getLogger("auto-attack")
+    logger.addHandler(collect)
+    try:
+        with attack_context(model):
+            attack = AutoAttack(model, norm=norm, eps=eps, version=version, device=device, seed=seed)
+            attack.apgd_targeted.n_target_classes = min(9, num_classes - 1)
+            attack.fab.n_target_classes = min(9, num_classes - 1)
+            x_adv, _ = attack.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
+    finally:
+        logger.removeHandler(collect)
+    return x_adv, collect.messages
+
+
 def autoattack_accuracy(
     model: nn.Module,
     x: Tensor,
@@ -89,28 +122,45 @@ def autoattack_accuracy(
     batch_size: int = 256,
     seed: int = 0,
 ) -> tuple[float, list[str]]:
-    """AutoAttack (pyautoattack) robust accuracy and the warnings its own checks raised.
+    """Robust accuracy under AutoAttack and its warnings."""
+    x_adv, warnings = autoattack_adversarial(model, x, y, eps, norm, version, batch_size, seed)
+    return _batched_accuracy(model, x_adv, y.to(x_adv.device), batch_size), warnings
 
-    ``standard`` runs APGD-CE, APGD-T, FAB-T and Square. With fewer than 10 classes the targeted
-    attacks use every other class as a target.
+
+def gradient_masking_checks(
+    clean: float,
+    pgd: float,
+    pgd_fewer_steps: float,
+    eps0: float,
+    aa: float | None,
+    n: int,
+    aa_warnings: list[str] = (),
+) -> dict[str, dict]:
+    """The sanity checks that catch gradient masking and broken evaluations.
+
+    Robust accuracy must not exceed clean accuracy; at eps 0 it must equal it; more PGD steps must
+    not raise it (``pgd_fewer_steps``: PGD-10 against the final PGD-50, with a tolerance of one
+    image); AutoAttack's own warnings are failures.
     """
-    from pyautoattack import AutoAttack
-
-    device = next(model.parameters()).device
-    num_classes = int(model(x[:1].to(device)).shape[1]) if len(x) else 10
-    collect = _Collect()
-    logger = logging.getLogger("auto-attack")
-    logger.addHandler(collect)
-    try:
-        with attack_context(model):
-            attack = AutoAttack(model, norm=norm, eps=eps, version=version, device=device, seed=seed)
-            attack.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-            attack.fab.n_target_classes = min(9, num_classes - 1)
-            x_adv, _ = attack.run_standard_evaluation(x.to(device), y.to(device), batch_size=batch_size)
-            acc = _batched_accuracy(model, x_adv, y.to(device), batch_size)
-    finally:
-        logger.removeHandler(collect)
-    return acc, collect.messages
+    tol = 1.0 / max(n, 1) + 1e-9
+    checks = {
+        "pgd_at_most_clean": {"passed": pgd <= clean + 1e-9, "detail": f"pgd {pgd:.4f} vs clean {clean:.4f}"},
+        "eps0_equals_clean": {
+            "passed": abs(eps0 - clean) <= 1e-9,
+            "detail": f"eps=0 robust {eps0:.4f} vs clean {clean:.4f}",
+        },
+        "more_steps_not_higher": {
+            "passed": pgd <= pgd_fewer_steps + tol,
+            "detail": f"PGD-10 {pgd_fewer_steps:.4f} -> final PGD {pgd:.4f}",
+        },
+    }
+    if aa is not None:
+        checks["aa_at_most_clean"] = {
+            "passed": aa <= clean + 1e-9,
+            "detail": f"aa {aa:.4f} vs clean {clean:.4f}",
+        }
+        checks["autoattack_warnings"] = {"passed": not aa_warnings, "detail": "; ".join(aa_warnings)}
+    return checks
 
 
 def evaluate(

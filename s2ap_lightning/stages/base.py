@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -92,6 +93,9 @@ class RobustTask(L.LightningModule):
         weight_decay: float = 1e-4,
         init_from: str | None = None,
         channels_last: bool = False,
+        aa_images: int = 1000,
+        aa_batch_size: int = 500,
+        aa_version: str = "standard",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +124,10 @@ class RobustTask(L.LightningModule):
         check_range("lr", hp.lr, 0.0, None, low_open=True)
         check_range("momentum", hp.momentum, 0.0, 1.0, high_open=True)
         check_range("weight_decay", hp.weight_decay, 0.0, None)
+        check_range("aa_images", hp.aa_images, 0, None)
+        check_range("aa_batch_size", hp.aa_batch_size, 1, None)
+        if hp.aa_version not in ("standard", "plus", "rand"):
+            raise ValueError(f"aa_version={hp.aa_version!r} is unknown; valid: standard, plus, rand")
         self.train_attack = AttackConfig(hp.eps, hp.step_size, hp.attack_steps, hp.norm)
         self.eval_attack = AttackConfig(hp.eps, hp.step_size, hp.eval_pgd_steps, hp.norm)
 
@@ -137,6 +145,8 @@ class RobustTask(L.LightningModule):
         self.train_robust_acc = acc()
         self.val_clean_acc, self.val_robust_acc = acc(), acc()
         self.test_clean_acc, self.test_robust_acc = acc(), acc()
+        # Gradient-masking checks and AutoAttack, at test time only.
+        self.test_pgd10_acc, self.test_eps0_acc, self.test_aa_acc = acc(), acc(), acc()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -218,5 +228,89 @@ class RobustTask(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.train_attack, 1)
 
+    # ----------------------------------------------------------------- test: the full protocol
+    def on_test_start(self) -> None:
+        world = self.trainer.world_size
+        data = getattr(self.trainer, "datamodule", None)
+        n = len(data.test_set) if data is not None and getattr(data, "test_set", None) is not None else None
+        if world > 1 and n is not None and n % world:
+            raise ValueError(
+                f"test set of {n} images does not divide across world_size={world}: the distributed "
+                "sampler would repeat images and bias the accuracy. Evaluate on one device "
+                "(--trainer.devices 1) or with a world size that divides the number of images."
+            )
+        self._aa_seen = 0
+        self._aa_warnings: list[str] = []
+
+    @property
+    def fewer_pgd_steps(self) -> int:
+        """Steps of the weaker PGD of the "more steps must not help the model" check (10 vs 50)."""
+        steps = self.hparams.eval_pgd_steps
+        return 10 if steps > 10 else max(1, steps // 2)
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.eval_attack, self.hparams.eval_pgd_restarts)
+        from s2ap_lightning.analysis.evaluation import MaskedModel, autoattack_adversarial
+
+        hp = self.hparams
+        self._evaluate(batch, "test", self.eval_attack, hp.eval_pgd_restarts)
+        with attack_context(self.model):
+            x, y = batch[0].clone(), batch[1].clone()
+            evaluated = MaskedModel(self.model, self.weights_for_eval())
+            pgd10 = AttackConfig(hp.eps, hp.step_size, self.fewer_pgd_steps, hp.norm)
+            x_pgd10 = pgd_ce(evaluated, x, y, pgd10)
+            x_eps0 = pgd_ce(evaluated, x, y, AttackConfig(0.0, hp.step_size, 1, hp.norm))
+            with torch.no_grad():
+                self.test_pgd10_acc(evaluated(x_pgd10), y)
+                self.test_eps0_acc(evaluated(x_eps0), y)
+            take = min(hp.aa_images - self._aa_seen, len(x))
+            if take > 0:
+                x_aa, warnings = autoattack_adversarial(
+                    evaluated,
+                    x[:take],
+                    y[:take],
+                    hp.eps,
+                    {"linf": "Linf", "l2": "L2"}[hp.norm],
+                    hp.aa_version,
+                    hp.aa_batch_size,
+                    seed=self._aa_seen,
+                )
+                with torch.no_grad():
+                    self.test_aa_acc(evaluated(x_aa), y[:take])
+                self._aa_seen += take
+                self._aa_warnings += [w for w in warnings if w not in self._aa_warnings]
+        self.log("test/pgd10_acc", self.test_pgd10_acc)
+        self.log("test/eps0_acc", self.test_eps0_acc)
+        if self._aa_seen:
+            self.log("test/aa_acc", self.test_aa_acc)
+
+    def on_test_epoch_end(self) -> None:
+        from s2ap_lightning.analysis.evaluation import gradient_masking_checks
+        from s2ap_lightning.analysis.report import write_evaluation_json
+
+        figures = {
+            "clean_acc": float(self.test_clean_acc.compute()),
+            "pgd_acc": float(self.test_robust_acc.compute()),
+            "pgd10_acc": float(self.test_pgd10_acc.compute()),
+            "eps0_acc": float(self.test_eps0_acc.compute()),
+            "aa_acc": float(self.test_aa_acc.compute()) if self._aa_seen else None,
+        }
+        n_images = int(self.test_clean_acc.tp.sum() + self.test_clean_acc.fn.sum())
+        n_aa = int(self.test_aa_acc.tp.sum() + self.test_aa_acc.fn.sum()) if self._aa_seen else 0
+        checks = gradient_masking_checks(
+            figures["clean_acc"],
+            figures["pgd_acc"],
+            figures["pgd10_acc"],
+            figures["eps0_acc"],
+            figures["aa_acc"],
+            n_images,
+            self._aa_warnings,
+        )
+        for name, check in checks.items():
+            if not check["passed"]:
+                rank_zero_warn(
+                    f"EVALUATION CHECK FAILED ({name}): {check['detail']}. The robust accuracy "
+                    "may be overestimated (gradient masking or a broken evaluation)."
+                )
+        if self.trainer.is_global_zero:
+            path = write_evaluation_json(self, figures, checks, n_images, n_aa, self._aa_warnings)
+            self.print(f"evaluation written to {path}")

@@ -1,0 +1,138 @@
+"""Loss landscapes in score space: 1-D and 2-D slices along random directions.
+
+Each layer's direction is scaled to that layer's score norm ``||s_l||`` (filter-normalisation in the
+spirit of Li et al.), so a step of 1 moves every layer by its own size. Along the path the mask
+changes: the number of mask flips relative to ``s`` is recorded beside the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from s2ap_lightning.attacks.pgd import eval_mode, pgd_ce
+from s2ap_lightning.pruning.masks import topk_mask
+from s2ap_lightning.pruning.scores import masked_forward
+
+
+def random_direction(scores: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """A Gaussian direction with every layer rescaled to that layer's score norm."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, s in scores.items():
+        d = torch.randn(s.shape, generator=g).to(s)
+        out[name] = d * (s.norm() / d.norm().clamp_min(1e-12))
+    return out
+
+
+@dataclass
+class Landscape:
+    """Loss (and mask flips) on a grid of steps ``alphas`` (x) and ``betas`` (y, 2-D only)."""
+
+    alphas: list[float]
+    betas: list[float] | None
+    loss: np.ndarray
+    flips: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path_prefix: str) -> None:
+        np.savez(
+            f"{path_prefix}.npz",
+            alphas=np.array(self.alphas),
+            betas=np.array(self.betas if self.betas is not None else []),
+            loss=self.loss,
+            flips=self.flips,
+        )
+
+    def plot(self, path: str, title: str = "") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if self.betas is None:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(self.alphas, self.loss, marker="o", label="robust loss")
+            ax.set_xlabel("step along a random score direction (x ||s_l||)")
+            ax.set_ylabel("robust loss")
+            ax2 = ax.twinx()
+            ax2.plot(self.alphas, self.flips, color="tab:red", alpha=0.6, label="mask flips")
+            ax2.set_ylabel("mask flips vs s", color="tab:red")
+        else:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            c = ax.contourf(self.alphas, self.betas, self.loss.T, levels=20)
+            fig.colorbar(c, ax=ax, label="robust loss")
+            ax.set_xlabel("direction 1")
+            ax.set_ylabel("direction 2")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _grid_loss(pruner, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]) -> tuple[list, list]:
+    model, scores = pruner.model, pruner.scores
+    params = dict(model.named_parameters())
+    counts = scores.kept_counts()
+    base = {n: topk_mask(s, counts[n]) for n, s in scores.items()}
+    losses, flips = [], []
+    with torch.no_grad(), eval_mode(model):
+        for off in offsets:
+            weights, flipped = {}, 0
+            for name, s in scores.items():
+                m = topk_mask(s.detach() + off[name], counts[name])
+                flipped += int((m != base[name]).sum())
+                weights[name] = params[name].detach() * m
+            losses.append(float(F.cross_entropy(masked_forward(model, weights, x_adv), y)))
+            flips.append(flipped)
+    return losses, flips
+
+
+def _adversarial(pruner, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    torch.manual_seed(seed)
+    with eval_mode(pruner.model), torch.enable_grad():
+        masks = pruner.scores.masks()
+        frozen = pruner.scores.effective_weights(pruner.model, masks, differentiable=False)
+        return pgd_ce(lambda inp: masked_forward(pruner.model, frozen, inp), x, y, pruner.train_attack)
+
+
+def landscape_1d(
+    pruner, x: Tensor, y: Tensor, alphas: Sequence[float] = tuple(np.linspace(-1, 1, 21)), seed: int = 0
+) -> Landscape:
+    """Robust loss of ``w * M(s + a * d)`` for a random per-layer-normalised direction ``d``."""
+    x_adv = _adversarial(pruner, x, y, seed)
+    scores = {n: s.detach() for n, s in pruner.scores.items()}
+    d = random_direction(scores, seed)
+    offsets = [{n: a * d[n] for n in scores} for a in alphas]
+    loss, flips = _grid_loss(pruner, x_adv, y, offsets)
+    return Landscape(list(map(float, alphas)), None, np.array(loss), np.array(flips), {"n_images": len(x)})
+
+
+def landscape_2d(
+    pruner,
+    x: Tensor,
+    y: Tensor,
+    alphas: Sequence[float] = tuple(np.linspace(-1, 1, 11)),
+    betas: Sequence[float] | None = None,
+    seed: int = 0,
+) -> Landscape:
+    """Robust loss on the plane spanned by two random per-layer-normalised directions."""
+    betas = list(alphas) if betas is None else list(betas)
+    x_adv = _adversarial(pruner, x, y, seed)
+    scores = {n: s.detach() for n, s in pruner.scores.items()}
+    d1, d2 = random_direction(scores, seed), random_direction(scores, seed + 1)
+    offsets = [{n: a * d1[n] + b * d2[n] for n in scores} for a in alphas for b in betas]
+    loss, flips = _grid_loss(pruner, x_adv, y, offsets)
+    shape = (len(alphas), len(betas))
+    return Landscape(
+        list(map(float, alphas)),
+        list(map(float, betas)),
+        np.array(loss).reshape(shape),
+        np.array(flips).reshape(shape),
+        {"n_images": len(x)},
+    )

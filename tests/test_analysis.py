@@ -1,0 +1,183 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from s2ap_lightning.analysis.evaluation import gradient_masking_checks
+from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
+from s2ap_lightning.analysis.sharpness import hessian_max_eigenvalue, score_space_sharpness
+from s2ap_lightning.analysis.stability import (
+    MaskHammingDistance,
+    hamming,
+    load_masks,
+    pack_masks,
+    unpack_masks,
+)
+from s2ap_lightning.stages import ScoreSpaceSAMPruner
+
+
+def test_power_iteration_finds_known_eigenvalue():
+    a = torch.diag(torch.tensor([5.0, 2.0, -1.0, 0.5]))
+    b = torch.diag(torch.tensor([3.0, 1.0]))
+    q = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))[0]
+    a = q @ a @ q.T  # not diagonal in the canonical basis
+
+    def loss(p):
+        return 0.5 * p[0] @ a @ p[0] + 0.5 * p[1] @ b @ p[1] + (p[0] ** 3).sum() * 0
+
+    result = hessian_max_eigenvalue(loss, [torch.ones(4), torch.ones(2)], max_iter=200, tol=1e-6)
+    assert result.converged
+    assert abs(result.value - 5.0) < 1e-3
+
+
+def test_power_iteration_respects_cap():
+    a = torch.diag(torch.tensor([1.0, 0.999, 0.998]))
+    result = hessian_max_eigenvalue(lambda p: 0.5 * p[0] @ a @ p[0], [torch.ones(3)], max_iter=3, tol=1e-12)
+    assert result.iterations == 3 and not result.converged
+
+
+@pytest.fixture
+def pruner(fast_kwargs):
+    torch.manual_seed(0)
+    return ScoreSpaceSAMPruner(sparsity=0.7, **fast_kwargs)
+
+
+def test_score_space_sharpness_leaves_model_untouched(pruner):
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    state = {k: v.clone() for k, v in pruner.state_dict().items()}
+    report = score_space_sharpness(pruner, x, y, gamma=0.05, max_iter=10)
+    assert np.isfinite(report.lambda_max) and np.isfinite(report.sharpness)
+    assert report.n_images == 16 and report.worst_loss == pytest.approx(report.loss + report.sharpness)
+    for k, v in pruner.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_landscape_centre_is_the_unperturbed_loss(pruner, tmp_path):
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    one = landscape_1d(pruner, x, y, alphas=[-0.5, 0.0, 0.5])
+    assert one.flips[1] == 0 and one.flips[0] > 0 and one.flips[2] > 0
+    two = landscape_2d(pruner, x, y, alphas=[-0.5, 0.0, 0.5])
+    assert two.loss.shape == (3, 3) and two.flips[1, 1] == 0
+    assert two.loss[1, 1] == pytest.approx(one.loss[1], rel=1e-5)
+    two.save(str(tmp_path / "l2"))
+    two.plot(str(tmp_path / "l2.png"))
+    assert (tmp_path / "l2.png").stat().st_size > 1000 and (tmp_path / "l2.npz").exists()
+
+
+def test_hamming_metric_and_packing(tmp_path):
+    a = {"l1": torch.tensor([1.0, 0.0, 1.0, 0.0]), "l2": torch.ones(2, 3)}
+    b = {"l1": torch.tensor([1.0, 1.0, 1.0, 0.0]), "l2": torch.ones(2, 3)}
+    total, per_layer = hamming(a, b)
+    assert total == pytest.approx(1 / 10) and per_layer == {"l1": 0.25, "l2": 0.0}
+    metric = MaskHammingDistance()
+    metric.update(a["l1"], b["l1"])
+    assert float(metric.compute()) == 0.25
+    assert all(torch.equal(unpack_masks(pack_masks(a))[k], a[k]) for k in a)
+    torch.save({"format": "s2ap-packed-masks", "masks": pack_masks(a)}, tmp_path / "a.pt")
+    assert torch.equal(load_masks(tmp_path / "a.pt")["l2"], a["l2"])
+
+
+def test_gradient_masking_checks_flag_violations():
+    ok = gradient_masking_checks(0.9, 0.5, 0.55, 0.9, 0.45, 100)
+    assert all(c["passed"] for c in ok.values())
+    bad = gradient_masking_checks(0.9, 0.95, 0.5, 0.8, 0.96, 100, ["Square decreased the accuracy"])
+    assert not any(c["passed"] for c in bad.values())
+
+
+def test_security_curve_matches_analytic_distances():
+    from s2ap_lightning.analysis.security import minimum_norm_distances, security_curve
+
+    torch.manual_seed(0)
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 3, 8, 8))
+
+        def forward(self, x):
+            z = ((x - 0.5) * self.w).flatten(1).sum(1, keepdim=True)
+            return torch.cat([z, -z], 1)
+
+    model = Linear()
+    x = torch.rand(32, 3, 8, 8)
+    y = model(x).argmax(1)
+    d = minimum_norm_distances(model, x, y, steps=200)
+    true = (((x - 0.5) * model.w).flatten(1).sum(1).abs() / model.w.abs().sum()).detach().numpy()
+    assert (d >= true * (1 - 1e-3)).all(), "a perturbation smaller than the minimum is impossible"
+    assert (d <= true * 1.1).all(), "FMN finds nearly minimal perturbations"
+    curve = security_curve(model, x, y, [0.0, float(np.median(true)), 1.0], steps=200)
+    assert curve.robust_acc[0] == 1.0 and curve.robust_acc[-1] == 0.0
+    assert 0.3 < curve.robust_acc[1] < 0.7
+
+
+def test_report_from_runs_folder(tmp_path, fast_kwargs):
+    from s2ap_lightning.analysis.report import write_report
+    from s2ap_lightning.models import build_model
+    from s2ap_lightning.pruning import ScoreSet
+
+    rows = []
+    for method in ("hydra", "s2ap"):
+        for sp in (0.9, 0.99):
+            folder = tmp_path / f"{method}_sp{sp:g}"
+            (folder / "masks").mkdir(parents=True)
+            model = build_model("small_cnn", 10, 1)
+            scores = ScoreSet(model, sp)
+            for tag in ("init", "epoch_000", "epoch_001"):
+                with torch.no_grad():
+                    for _, s in scores.items():
+                        s.add_(0.01 * torch.randn_like(s))
+                torch.save(
+                    {"format": "s2ap-packed-masks", "masks": pack_masks(scores.masks())},
+                    folder / "masks" / f"{tag}.pt",
+                )
+            state = model.state_dict()
+            for n, m in scores.masks().items():
+                state[n] = state[n] * m
+            torch.save(state, folder / "pruned_model.pt")
+            rows.append(
+                {
+                    "method": method,
+                    "sparsity": sp,
+                    "seed": 0,
+                    "clean_acc": 0.9,
+                    "pgd_acc": 0.5,
+                    "aa_acc": 0.45,
+                    "n_test": 10,
+                    "n_aa": 10,
+                    "mask_pgd_acc": 0.4,
+                    "mask_hamming_last_epoch": 0.01,
+                    "lambda_max": 2.0,
+                    "sharpness": 0.1,
+                }
+            )
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert text.count("| hydra |") == 2 and "lambda_max" in text
+    for png in ("robust_vs_sparsity.png", "hamming_per_epoch.png", "lambda_max.png", "layer_sparsity.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+        assert png in text
+
+
+def test_evaluation_json_beside_checkpoint(tmp_path, fast_kwargs, synthetic_dm, trainer_factory):
+    from s2ap_lightning.stages import RobustPretrainer
+
+    model = RobustPretrainer(aa_images=8, **fast_kwargs)
+    trainer = trainer_factory(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=synthetic_dm)
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trainer.test(model, datamodule=synthetic_dm, ckpt_path=str(ckpt), weights_only=True)
+    record = json.loads((tmp_path / "model.eval.json").read_text())
+    assert record["n_images"] == len(synthetic_dm.test_set) and record["n_aa_images"] == 8
+    assert record["eps0_acc"] == record["clean_acc"]
+    assert record["pgd_acc"] <= record["clean_acc"] and record["aa_acc"] is not None
+    assert set(record["checks"]) >= {"pgd_at_most_clean", "eps0_equals_clean", "more_steps_not_higher"}
+    assert record["dataset"]["dataset"] == "synthetic" and record["git_commit"]
+    assert record["hyper_parameters"]["eps"] == fast_kwargs["eps"]

@@ -135,12 +135,15 @@ def gradient_masking_checks(
     aa: float | None,
     n: int,
     aa_warnings: list[str] = (),
+    aa_clean: float | None = None,
 ) -> dict[str, dict]:
     """The sanity checks that catch gradient masking and broken evaluations.
 
-    Robust accuracy must not exceed clean accuracy; at eps 0 it must equal it; more PGD steps must
-    not raise it (``pgd_fewer_steps``: PGD-10 against the final PGD-50, with a tolerance of one
-    image); AutoAttack's own warnings are failures.
+       Robust accuracy must not exceed clean accuracy (for AutoAttack: the clean accuracy ``aa_clean``
+       of the images it attacked);
+    at eps 0 it must equal it; more PGD steps must
+       not raise it (``pgd_fewer_steps``: PGD-10 against the final PGD-50, with a tolerance of one
+       image); AutoAttack's own warnings are failures.
     """
     tol = 1.0 / max(n, 1) + 1e-9
     checks = {
@@ -155,9 +158,11 @@ def gradient_masking_checks(
         },
     }
     if aa is not None:
+        # AutoAttack may run on a subset: compare with the clean accuracy of that same subset.
+        reference = clean if aa_clean is None else aa_clean
         checks["aa_at_most_clean"] = {
-            "passed": aa <= clean + 1e-9,
-            "detail": f"aa {aa:.4f} vs clean {clean:.4f}",
+            "passed": aa <= reference + 1e-9,
+            "detail": f"aa {aa:.4f} vs clean {reference:.4f} on the same images",
         }
         checks["autoattack_warnings"] = {"passed": not aa_warnings, "detail": "; ".join(aa_warnings)}
     return checks

@@ -147,6 +147,7 @@ class RobustTask(L.LightningModule):
         self.test_clean_acc, self.test_robust_acc = acc(), acc()
         # Gradient-masking checks and AutoAttack, at test time only.
         self.test_pgd10_acc, self.test_eps0_acc, self.test_aa_acc = acc(), acc(), acc()
+        self.test_aa_clean_acc = acc()  # clean accuracy on the AutoAttack subset, for its check
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -276,6 +277,7 @@ class RobustTask(L.LightningModule):
                 )
                 with torch.no_grad():
                     self.test_aa_acc(evaluated(x_aa), y[:take])
+                    self.test_aa_clean_acc(evaluated(x[:take]), y[:take])
                 self._aa_seen += take
                 self._aa_warnings += [w for w in warnings if w not in self._aa_warnings]
         self.log("test/pgd10_acc", self.test_pgd10_acc)
@@ -304,7 +306,9 @@ class RobustTask(L.LightningModule):
             figures["aa_acc"],
             n_images,
             self._aa_warnings,
+            aa_clean=float(self.test_aa_clean_acc.compute()) if self._aa_seen else None,
         )
+
         for name, check in checks.items():
             if not check["passed"]:
                 rank_zero_warn(

@@ -139,11 +139,10 @@ def gradient_masking_checks(
 ) -> dict[str, dict]:
     """The sanity checks that catch gradient masking and broken evaluations.
 
-       Robust accuracy must not exceed clean accuracy (for AutoAttack: the clean accuracy ``aa_clean``
-       of the images it attacked);
-    at eps 0 it must equal it; more PGD steps must
-       not raise it (``pgd_fewer_steps``: PGD-10 against the final PGD-50, with a tolerance of one
-       image); AutoAttack's own warnings are failures.
+    Robust accuracy must not exceed clean accuracy (for AutoAttack: the clean accuracy ``aa_clean`` of
+    the images it attacked); at eps 0 it must equal it; more PGD steps must not raise it
+    (``pgd_fewer_steps``: PGD-10 against the final PGD-50, with a tolerance of one image);
+    AutoAttack's own warnings are failures.
     """
     tol = 1.0 / max(n, 1) + 1e-9
     checks = {

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from s2ap_lightning.analysis.plotting import subplots
 from s2ap_lightning.attacks.pgd import eval_mode, pgd_ce
 from s2ap_lightning.pruning.masks import topk_mask
 from s2ap_lightning.pruning.scores import masked_forward
@@ -50,13 +51,8 @@ class Landscape:
         )
 
     def plot(self, path: str, title: str = "") -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         if self.betas is None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
+            fig, ax = subplots(figsize=(5, 3.5))
             ax.plot(self.alphas, self.loss, marker="o", label="robust loss")
             ax.set_xlabel("step along a random score direction (x ||s_l||)")
             ax.set_ylabel("robust loss")
@@ -64,7 +60,7 @@ class Landscape:
             ax2.plot(self.alphas, self.flips, color="tab:red", alpha=0.6, label="mask flips")
             ax2.set_ylabel("mask flips vs s", color="tab:red")
         else:
-            fig, ax = plt.subplots(figsize=(5, 4))
+            fig, ax = subplots(figsize=(5, 4))
             c = ax.contourf(self.alphas, self.betas, self.loss.T, levels=20)
             fig.colorbar(c, ax=ax, label="robust loss")
             ax.set_xlabel("direction 1")
@@ -72,7 +68,6 @@ class Landscape:
         ax.set_title(title)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def _grid_loss(pruner, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]) -> tuple[list, list]:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from s2ap_lightning.analysis.plotting import subplots
+
 
 def git_commit() -> str:
     """The project's git commit (``unknown`` outside a checkout)."""
@@ -112,11 +114,6 @@ def hamming_history(mask_dir: Path) -> list[float]:
 
 def write_report(runs: Path) -> Path:
     """``report.md`` plus PNG plots from a runs folder written by the demo (or laid out like it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from s2ap_lightning.export import sparsity_table
 
     rows = _read_results(runs / "results.csv")
@@ -124,7 +121,7 @@ def write_report(runs: Path) -> Path:
     sparsities = sorted({r["sparsity"] for r in rows})
     figures: list[tuple[str, str]] = []
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     for method in methods:
         sub = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
         xs = [r["sparsity"] for r in sub]
@@ -136,10 +133,9 @@ def write_report(runs: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(runs / "robust_vs_sparsity.png", dpi=120)
-    plt.close(fig)
     figures.append(("Robust accuracy against sparsity", "robust_vs_sparsity.png"))
 
-    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.5 * len(sparsities), 3.3), squeeze=False)
+    fig, axes = subplots(1, len(sparsities), figsize=(4.5 * len(sparsities), 3.3), squeeze=False)
     for ax, sp in zip(axes[0], sparsities, strict=True):
         for method in methods:
             folder = runs / f"{method}_sp{sp:g}" / "masks"
@@ -153,11 +149,10 @@ def write_report(runs: Path) -> Path:
         ax.legend()
     fig.tight_layout()
     fig.savefig(runs / "hamming_per_epoch.png", dpi=120)
-    plt.close(fig)
     figures.append(("Mask stability: flips per epoch, HYDRA against S2AP", "hamming_per_epoch.png"))
 
     if all(r.get("lambda_max") is not None for r in rows):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = subplots(figsize=(5, 3.5))
         labels = [f"{r['method']}\n{r['sparsity']:g}" for r in rows]
         ax.bar(
             labels,
@@ -167,7 +162,6 @@ def write_report(runs: Path) -> Path:
         ax.set_ylabel("top Hessian eigenvalue (scores)")
         fig.tight_layout()
         fig.savefig(runs / "lambda_max.png", dpi=120)
-        plt.close(fig)
         figures.append(("Score-space sharpness after mask search", "lambda_max.png"))
 
     layer_tables = {}
@@ -182,7 +176,7 @@ def write_report(runs: Path) -> Path:
             model.load_state_dict(state)
             layer_tables[f"{r['method']} {r['sparsity']:g}"] = sparsity_table(model)[0]
     if layer_tables:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = subplots(figsize=(6, 3.5))
         for label, table in layer_tables.items():
             ax.plot(
                 [t[0].removesuffix(".weight") for t in table], [t[3] for t in table], marker="o", label=label
@@ -192,7 +186,6 @@ def write_report(runs: Path) -> Path:
         ax.legend()
         fig.tight_layout()
         fig.savefig(runs / "layer_sparsity.png", dpi=120)
-        plt.close(fig)
         figures.append(("Per-layer sparsity of the exported models", "layer_sparsity.png"))
 
     cols = [

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from s2ap_lightning.analysis.plotting import subplots
 from s2ap_lightning.attacks.pgd import attack_context
 
 
@@ -30,12 +31,7 @@ class SecurityCurve:
         return float((d > eps).mean())
 
     def plot(self, path: str, title: str = "") -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = subplots(figsize=(5, 3.5))
         ax.plot(self.eps, self.robust_acc, marker=".")
         ax.set_xlabel(f"perturbation budget eps ({self.norm})")
         ax.set_ylabel("robust accuracy")
@@ -43,7 +39,6 @@ class SecurityCurve:
         ax.set_title(title or "security curve (FMN)")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def minimum_norm_distances(

@@ -5,12 +5,15 @@ Every file is loaded with ``weights_only=True``: a checkpoint from someone else 
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 
@@ -84,3 +87,38 @@ def load_weights(model: nn.Module, path: str | Path) -> Any:
     check_compatible(model, state, f"init_from={str(path)!r}")
     model.load_state_dict(state, strict=True)
     return obj
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``.
+
+    A crash during the write leaves the previous file intact: rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written checkpoint behind.
+
+    Lightning's own writer opens the target path and writes into it; a crash (or a full disk, or a
+    pre-empted job) during that write destroys the previous ``last.ckpt``. Here the checkpoint goes to
+    a temporary file in the same folder, is flushed to disk, and replaces the target by rename.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, path)

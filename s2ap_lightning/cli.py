@@ -17,6 +17,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from s2ap_lightning.checkpoint import AtomicCheckpointIO, load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import BEST, LAST
@@ -34,6 +35,21 @@ class S2APCLI(LightningCLI):
         parser.set_defaults({f"checkpoint.{k}": v for k, v in BEST.items()})
         parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+
+    def _validate_ckpt_path(self) -> None:
+        # Fail in seconds, naming the file, rather than deep inside Lightning's restore.
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            load_file(path)
+
+    def before_fit(self) -> None:
+        self._validate_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._validate_ckpt_path()
+
+    def before_test(self) -> None:
+        self._validate_ckpt_path()
 
     def _prepare_subcommand_parser(
         self, klass: type, subcommand: str, **kwargs: Any
@@ -92,6 +108,8 @@ def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
         RobustTask,
         RobustDataModule,
         subclass_mode_model=True,
+        # Checkpoints are written to a temporary file and renamed, so a crash mid-save keeps the last one.
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},

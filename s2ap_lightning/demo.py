@@ -23,9 +23,9 @@ from s2ap_lightning.analysis.report import write_report
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
-from s2ap_lightning.checkpoint import load_file
+from s2ap_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule
-from s2ap_lightning.export import atomic_torch_save, format_sparsity, pruned_state_dict, sparsity_table
+from s2ap_lightning.export import format_sparsity, pruned_state_dict, sparsity_table
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
 
@@ -75,6 +75,7 @@ def _trainer(root: Path, epochs: int, progress: bool, callbacks: list[L.Callback
         enable_model_summary=False,
         log_every_n_steps=5,
         deterministic=True,
+        plugins=[AtomicCheckpointIO()],
     )
 
 

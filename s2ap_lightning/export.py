@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from s2ap_lightning.checkpoint import CheckpointError, load_file, model_state_dict, stored_masks
+from s2ap_lightning.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    load_file,
+    model_state_dict,
+    stored_masks,
+)
 from s2ap_lightning.models import build_model
 from s2ap_lightning.pruning.scores import prunable_weight_names
-
-
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``.
-
-    A crash during the write leaves the previous file intact: rename is atomic on POSIX.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:

@@ -115,7 +115,7 @@ class MaskStabilityCallback(L.Callback):
             return  # no logger and no folder given: nowhere sensible to write
         root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
         root.mkdir(parents=True, exist_ok=True)
-        from s2ap_lightning.export import atomic_torch_save
+        from s2ap_lightning.checkpoint import atomic_torch_save
 
         atomic_torch_save({"format": "s2ap-packed-masks", "masks": pack_masks(masks)}, root / f"{tag}.pt")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from s2ap_lightning.data.datasets import DATASETS, DatasetInfo, digits, synthetic, torchvision_dataset
+from s2ap_lightning.data.samplers import ResumableSampler
 
 
 class RobustDataModule(L.LightningDataModule):
@@ -62,6 +65,7 @@ class RobustDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.train_sampler: ResumableSampler | None = None
 
     @property
     def num_classes(self) -> int:
@@ -102,12 +106,21 @@ class RobustDataModule(L.LightningDataModule):
         if hp.test_subset:
             self.test_set = Subset(self.test_set, range(min(hp.test_subset, len(self.test_set))))
 
+    def skip_train_batches(self, batches: int) -> None:
+        """Resume support: the next training epoch starts ``batches`` batches in."""
+        if self.train_sampler is not None:
+            self.train_sampler.skip_next(batches * self.hparams.batch_size)
+
     def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
+        sampler = None
+        if shuffle:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = self.train_sampler = ResumableSampler(len(data), seed=seed)
         return DataLoader(
             data,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -163,6 +163,12 @@ class RobustTask(L.LightningModule):
 
     # ----------------------------------------------------------------- stage hand-off
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            epochs = self.trainer.max_epochs
+            if epochs is not None and (epochs == 0 or epochs < -1):
+                raise ValueError(
+                    f"trainer.max_epochs={epochs} is out of range: valid are >= 1, or -1 with max_steps"
+                )
         if self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.hparams.init_from and not self._restored:
@@ -178,9 +184,27 @@ class RobustTask(L.LightningModule):
     def on_init_from(self, checkpoint: Any) -> None:
         """Hook for stages that take more than the weights from the previous stage."""
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # RNG states, so that a resumed run draws the same attack starts as an uninterrupted one.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # State restored from this stage's own checkpoint wins over `init_from`.
         self._restored = True
+        rng = checkpoint.get("rng")
+        if rng is not None and self._trainer is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def on_train_start(self) -> None:
+        # Mid-epoch resume: Lightning restarts the loader at its first batch; skip what was used.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        data = getattr(self.trainer, "datamodule", None)
+        if 0 < done < self.trainer.num_training_batches and hasattr(data, "skip_train_batches"):
+            data.skip_train_batches(done)
 
     # ----------------------------------------------------------------- training
     def log_training(self, loss: Tensor, logits_adv: Tensor, y: Tensor) -> None:

@@ -78,4 +78,5 @@ class MaskedFinetuner(RobustPretrainer):
         self.apply_masks()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["masks"] = {n: m.bool() for n, m in self.masks.items()}

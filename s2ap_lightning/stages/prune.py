@@ -110,6 +110,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         self._eval_weights = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         with torch.no_grad():
             checkpoint["masks"] = {n: m.bool() for n, m in self.scores.masks().items()}
 

@@ -29,6 +29,8 @@ def load_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err) and "GLOBAL" not in str(err):
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({err})") from err
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: it needs "
             f"arbitrary code to unpickle, which this project refuses ({err})"
@@ -77,14 +79,20 @@ def check_compatible(model: nn.Module, state: dict[str, Tensor], source: str) ->
         )
 
 
-def load_weights(model: nn.Module, path: str | Path) -> Any:
-    """Load the plain weights of ``path`` into ``model`` strictly; returns the loaded object."""
+def check_loadable(model: nn.Module, path: str | Path) -> tuple[Any, dict[str, Tensor]]:
+    """Load ``path`` safely and check that its weights fit ``model``; returns (object, weights)."""
     obj = load_file(path)
     try:
         state = model_state_dict(obj)
     except CheckpointError as err:
         raise CheckpointError(f"{str(path)!r}: {err}") from err
     check_compatible(model, state, f"init_from={str(path)!r}")
+    return obj, state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> Any:
+    """Load the plain weights of ``path`` into ``model`` strictly; returns the loaded object."""
+    obj, state = check_loadable(model, path)
     model.load_state_dict(state, strict=True)
     return obj
 

@@ -17,7 +17,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from s2ap_lightning.checkpoint import AtomicCheckpointIO, load_file
+from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import BEST, LAST
@@ -42,14 +42,11 @@ class S2APCLI(LightningCLI):
         if path and path not in ("last", "best", "hpc", "registry"):
             load_file(path)
 
-    def before_fit(self) -> None:
+    def _preflight(self) -> None:
+        self.model.preflight(self.trainer, self.subcommand)
         self._validate_ckpt_path()
 
-    def before_validate(self) -> None:
-        self._validate_ckpt_path()
-
-    def before_test(self) -> None:
-        self._validate_ckpt_path()
+    before_fit = before_validate = before_test = _preflight
 
     def _prepare_subcommand_parser(
         self, klass: type, subcommand: str, **kwargs: Any
@@ -109,7 +106,7 @@ def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
         RobustDataModule,
         subclass_mode_model=True,
         # Checkpoints are written to a temporary file and renamed, so a crash mid-save keeps the last one.
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"plugins": [{"class_path": "s2ap_lightning.checkpoint.AtomicCheckpointIO"}]},
         args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, pgd_ce
 from s2ap_lightning.attacks.losses import ROBUST_LOSSES
-from s2ap_lightning.checkpoint import load_weights
+from s2ap_lightning.checkpoint import check_loadable, load_weights
 from s2ap_lightning.models import MODELS, build_model
 from s2ap_lightning.pruning.scores import masked_forward
 
@@ -162,13 +162,24 @@ class RobustTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ----------------------------------------------------------------- stage hand-off
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Checks that need the Trainer's settings; the CLI runs them before anything is written."""
+        epochs = trainer.max_epochs
+        if epochs is not None and (epochs == 0 or epochs < -1):
+            raise ValueError(
+                f"trainer.max_epochs={epochs} is out of range: valid are >= 1, or -1 with max_steps"
+            )
+
+    def preflight(self, trainer: L.Trainer, stage: str) -> None:
+        """Every check that can fail a run, done before the Trainer writes anything (logs, configs)."""
+        if stage == "fit":
+            self.check_trainer(trainer)
+        if self.hparams.init_from and not self._restored:
+            check_loadable(self.model, self.hparams.init_from)
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
-            epochs = self.trainer.max_epochs
-            if epochs is not None and (epochs == 0 or epochs < -1):
-                raise ValueError(
-                    f"trainer.max_epochs={epochs} is out of range: valid are >= 1, or -1 with max_steps"
-                )
+            self.check_trainer(self.trainer)
         if self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.hparams.init_from and not self._restored:

@@ -89,13 +89,20 @@ class ScoreSpaceSAMPruner(RobustTask):
             # Scaled score init from the loaded weights: the first mask is magnitude pruning.
             self.scores.reinitialise(self.model)
         self._eval_weights = None
-        if stage == "fit" and self.hparams.gamma > 0:
-            epochs = self.trainer.max_epochs
-            if epochs is not None and epochs > 0 and self.hparams.warmup_epochs >= epochs:
-                raise ValueError(
-                    f"warmup_epochs={self.hparams.warmup_epochs} is out of range: it must be smaller "
-                    f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
-                )
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        super().check_trainer(trainer)
+        epochs = trainer.max_epochs
+        if (
+            self.hparams.gamma > 0
+            and epochs is not None
+            and epochs > 0
+            and self.hparams.warmup_epochs >= epochs
+        ):
+            raise ValueError(
+                f"warmup_epochs={self.hparams.warmup_epochs} is out of range: it must be smaller "
+                f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
+            )
 
     def configure_callbacks(self) -> list[L.Callback]:
         from s2ap_lightning.analysis.stability import MaskStabilityCallback
@@ -174,9 +181,10 @@ class ScoreSpaceSAMPruner(RobustTask):
             with torch.no_grad():  # exact restore of s (subtracting z could differ in the last bit)
                 torch._foreach_copy_(list(scores.values()), [original[n] for n in scores])
             self.log("train/loss_pass1", first.loss.detach())
+        self.log_training(out.loss, out.logits_adv, y)  # raises on a non-finite loss, before the step
         opt.step()
         self._eval_weights = None
-        self.log_training(out.loss, out.logits_adv, y)
+
         return out.loss.detach()
 
     def on_train_epoch_end(self) -> None:

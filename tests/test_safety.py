@@ -1,0 +1,181 @@
+"""Bad configuration fails before training; checkpoints load safely and survive crashes."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2ap_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, load_file
+from s2ap_lightning.cli import main
+from s2ap_lightning.models import build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def guarded_dir(tmp_path):
+    """A checkpoint folder holding a previous run's checkpoint that must survive every failure."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"previous checkpoint")
+    return folder
+
+
+def prune_cli(folder, *extra):
+    return main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "stages" / "s2ap.yaml"),
+            "--config",
+            str(CONFIGS / "data" / "synthetic.yaml"),
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--checkpoint.dirpath",
+            str(folder),
+            "--trainer.default_root_dir",
+            str(folder),
+            "--model.warmup_epochs",
+            "1",
+            *extra,
+        ]
+    )
+
+
+def wrong_arch_file(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save(build_model("resnet18", 4, 3).state_dict(), path)
+    return str(path)
+
+
+BAD = [
+    (["--model.sparsity", "1.5"], r"sparsity=1.5 is out of range: valid range is \(0.0, 1.0\)"),
+    (["--model.sparsity", "0"], r"sparsity=0.0 is out of range"),
+    (["--model.sparsity", "-0.2"], r"sparsity=-0.2 is out of range"),
+    (["--model.gamma", "-0.1"], r"gamma=-0.1 is out of range: valid range is \[0.0, inf\)"),
+    (["--model.eps", "-0.01"], r"eps=-0.01 is out of range"),
+    (["--model.step_size", "-1"], r"step_size=-1.0 is out of range"),
+    (["--model.attack_steps", "0"], r"attack_steps=0 is out of range: valid range is \[1, inf\)"),
+    (["--model.eval_pgd_steps", "0"], r"eval_pgd_steps=0 is out of range"),
+    (["--model.eval_pgd_restarts", "0"], r"eval_pgd_restarts=0 is out of range"),
+    (["--model.warmup_epochs", "5"], r"warmup_epochs=5 is out of range: it must be smaller .*max_epochs=3"),
+    (["--model.warmup_epochs", "-1"], r"warmup_epochs=-1 is out of range"),
+    (["--trainer.max_epochs", "0"], r"max_epochs=0 is out of range"),
+    (["--data.dataset", "mnist"], r"unknown dataset 'mnist'; valid: digits, synthetic, cifar10"),
+    (["--model.model", "resnet99"], r"unknown model 'resnet99'; valid: .*resnet18"),
+    (["--model.robust_loss", "fgsm"], r"unknown robust_loss 'fgsm'; valid: pgd_at, trades, mart"),
+    (["--model.norm", "l3"], r"norm='l3' is unknown; valid: linf, l2"),
+    (["--model.init_from", "/no/such/file.ckpt"], r"checkpoint '/no/such/file.ckpt' does not exist"),
+    ("WRONG_ARCH", r"does not fit the model SmallCNN: missing keys \[classifier"),
+    (["--data.batch_size", "0"], r"batch_size=0 must be >= 1"),
+    (["--data.val_fraction", "1.5"], r"val_fraction=1.5 must lie in \(0, 1\)"),
+    (["--model.lr", "0"], r"lr=0.0 is out of range: valid range is \(0.0, inf\)"),
+    (["--model.momentum", "1.5"], r"momentum=1.5 is out of range: valid range is \[0.0, 1.0\)"),
+    (["--model.weight_decay", "-1"], r"weight_decay=-1.0 is out of range"),
+    (["--model.beta", "-6"], r"beta=-6.0 is out of range"),
+    (["--model.aa_images", "-1"], r"aa_images=-1 is out of range"),
+    (["--data.test_subset", "-5"], r"test_subset=-5 must be >= 0"),
+    (["--ckpt_path", "/no/such/last.ckpt"], r"checkpoint '/no/such/last.ckpt' does not exist"),
+]
+
+
+@pytest.mark.parametrize(
+    "extra,message", BAD, ids=[" ".join(b[0]) if isinstance(b[0], list) else b[0] for b in BAD]
+)
+def test_bad_configuration_fails_fast_and_touches_nothing(extra, message, guarded_dir, tmp_path):
+    if extra == "WRONG_ARCH":
+        extra = ["--model.init_from", wrong_arch_file(tmp_path)]
+    before = sorted(p.name for p in guarded_dir.iterdir())
+    with pytest.raises((ValueError, CheckpointError), match=message):
+        prune_cli(guarded_dir, *extra)
+    assert sorted(p.name for p in guarded_dir.iterdir()) == before, "nothing new written"
+    assert (guarded_dir / "last.ckpt").read_bytes() == b"previous checkpoint"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/s2ap_pwned",))
+
+
+def test_checkpoint_needing_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.x": Evil()}}, path)
+    with pytest.raises(CheckpointError, match=rf"{path}.*weights_only=True"):
+        load_file(path)
+    assert not Path("/tmp/s2ap_pwned").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint_is_named(tmp_path, damage):
+    path = tmp_path / "model.pt"
+    torch.save(build_model("small_cnn", 4, 3).state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(1000))
+    with pytest.raises(CheckpointError, match=rf"{path}.*truncated or corrupted"):
+        load_file(path)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def exploding_save(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    restored = load_file(path)
+    assert restored["global_step"] == 1 and torch.equal(restored["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file left behind"
+
+
+class NaNAfter:
+    """Wraps a robust loss; returns NaN from the n-th call on."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def adversarial(self, *args, **kwargs):
+        return self.inner.adversarial(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        out = self.inner(*args, **kwargs)
+        if self.calls >= self.n:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("stage", ["RobustPretrainer", "ScoreSpaceSAMPruner"])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    stage, tmp_path, fast_kwargs, synthetic_dm, trainer_factory
+):
+    import s2ap_lightning.stages as stages
+    from s2ap_lightning.checkpoint import AtomicCheckpointIO
+    from s2ap_lightning.stages.callbacks import checkpoint_callbacks
+
+    extra = {"warmup_epochs": 0} if stage == "ScoreSpaceSAMPruner" else {}
+    module = getattr(stages, stage)(**fast_kwargs, **extra)
+
+    module.robust_loss = NaNAfter(module.robust_loss, 4)
+    trainer = trainer_factory(
+        max_epochs=2,
+        enable_checkpointing=True,
+        limit_val_batches=0,
+        callbacks=checkpoint_callbacks(str(tmp_path), every_n_train_steps=1),
+        plugins=[AtomicCheckpointIO()],
+    )
+    with pytest.raises(
+        FloatingPointError, match=rf"{stage}: non-finite training loss nan at epoch 0, step 3"
+    ):
+        trainer.fit(module, datamodule=synthetic_dm)
+    last = load_file(tmp_path / "last.ckpt")
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())

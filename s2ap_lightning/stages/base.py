@@ -204,15 +204,21 @@ class RobustTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # State restored from this stage's own checkpoint wins over `init_from`.
         self._restored = True
-        rng = checkpoint.get("rng")
-        if rng is not None and self._trainer is not None:
+        # Applied when training resumes (after the sanity check, which draws random attack starts).
+        self._pending_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_pending_rng", None)
+        if rng is not None:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+            self._pending_rng = None
 
-    def on_train_start(self) -> None:
         # Mid-epoch resume: Lightning restarts the loader at its first batch; skip what was used.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed`, not `completed`: step checkpoints are written before the batch counts as completed.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
         data = getattr(self.trainer, "datamodule", None)
         if 0 < done < self.trainer.num_training_batches and hasattr(data, "skip_train_batches"):
             data.skip_train_batches(done)

@@ -1,0 +1,37 @@
+"""A run killed with SIGKILL mid-epoch resumes with `ckpt_path: last` to the same final mask."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def run(out, *args):
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    full = run(tmp_path / "full", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    reference = torch.load(tmp_path / "full" / "full.pt", weights_only=True)
+    steps_per_epoch = reference["global_step"] // 3
+    kill_at = steps_per_epoch + steps_per_epoch // 2  # the middle of the second epoch (S2AP active)
+
+    killed = run(tmp_path / "run", "kill", str(kill_at))
+    assert killed.returncode == -signal.SIGKILL, "the worker really died by SIGKILL"
+    last = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == kill_at, "the last checkpoint is the step before the kill"
+
+    resumed = run(tmp_path / "run", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    assert result["global_step"] == reference["global_step"]
+    for name, mask in reference["masks"].items():
+        assert torch.equal(result["masks"][name], mask), name
+        assert torch.equal(result["scores"][name], reference["scores"][name]), name

@@ -1,0 +1,82 @@
+"""Data parallelism on CPU: 2 processes with gloo through ddp_spawn (pytest is not re-executed)."""
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.stages import ScoreSpaceSAMPruner
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class RecordingPruner(ScoreSpaceSAMPruner):
+    """Saves each rank's score gradients after every backward pass, and its final masks."""
+
+    def __init__(self, out_dir: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self._grads = []
+
+    def manual_backward(self, loss, *args, **kwargs):
+        super().manual_backward(loss, *args, **kwargs)
+        self._grads.append({n: s.grad.detach().clone() for n, s in self.scores.items()})
+
+    def on_train_end(self):
+        rank = self.global_rank
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+        masks = {n: m.bool() for n, m in self.scores.masks().items()}
+        torch.save({"grads": self._grads, "masks": masks, "metrics": metrics},
+                   Path(self.out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(autouse=True)
+def clean_distributed_env():
+    keys = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_ddp(tmp_path, ascent_sync):
+    L.seed_everything(0, verbose=False)
+    pruner = RecordingPruner(out_dir=str(tmp_path), model="small_cnn", num_classes=4, in_channels=3, eps=0.1,
+                             step_size=0.03, attack_steps=2, eval_pgd_steps=2, sparsity=0.8, gamma=0.1,
+                             warmup_epochs=0, ascent_sync=ascent_sync)
+    dm = RobustDataModule("synthetic", batch_size=16, synthetic_samples=160)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", limit_train_batches=3, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2)
+    trainer.fit(pruner, datamodule=dm)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def same(a, b):
+    return all(torch.allclose(a[n], b[n], atol=1e-7) for n in a)
+
+
+@pytest.mark.parametrize("ascent_sync", [False, True])
+def test_ddp_gradients_masks_and_metrics(tmp_path, ascent_sync):
+    r0, r1 = run_ddp(tmp_path, ascent_sync)
+    assert len(r0["grads"]) == len(r1["grads"]) == 6, "two backward passes per step, three steps"
+    first = [(a, b) for i, (a, b) in enumerate(zip(r0["grads"], r1["grads"])) if i % 2 == 0]
+    second = [(a, b) for i, (a, b) in enumerate(zip(r0["grads"], r1["grads"])) if i % 2 == 1]
+    # Pass 2 is always synchronised.
+    assert all(same(a, b) for a, b in second)
+    if ascent_sync:
+        assert all(same(a, b) for a, b in first), "ascent_sync: pass-1 gradients are all-reduced"
+    else:
+        assert not any(same(a, b) for a, b in first), "default: pass-1 gradients stay rank-local"
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), "masks identical on every rank"
+    for key in ("val/clean_acc", "val/robust_acc"):
+        assert r0["metrics"][key] == r1["metrics"][key], f"{key} reduced across ranks"

@@ -32,7 +32,9 @@ def test_stage_and_data_configs_compose(stage, data, capsys):
 
 @pytest.mark.parametrize("trainer", TRAINERS, ids=lambda p: p.stem)
 def test_trainer_presets_parse(trainer, capsys):
-    out = print_config(CONFIGS / "stages" / "s2ap.yaml", CONFIGS / "data" / "digits.yaml", trainer, capsys=capsys)
+    out = print_config(
+        CONFIGS / "stages" / "s2ap.yaml", CONFIGS / "data" / "digits.yaml", trainer, capsys=capsys
+    )
     if trainer.stem == "slurm":
         assert "SLURMEnvironment" in out and "auto_requeue: true" in out
     if trainer.stem in ("gpu", "ddp", "slurm"):

@@ -29,8 +29,9 @@ class RecordingPruner(ScoreSpaceSAMPruner):
         rank = self.global_rank
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
         masks = {n: m.bool() for n, m in self.scores.masks().items()}
-        torch.save({"grads": self._grads, "masks": masks, "metrics": metrics},
-                   Path(self.out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"grads": self._grads, "masks": masks, "metrics": metrics}, Path(self.out_dir) / f"rank{rank}.pt"
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -49,13 +50,34 @@ def clean_distributed_env():
 
 def run_ddp(tmp_path, ascent_sync):
     L.seed_everything(0, verbose=False)
-    pruner = RecordingPruner(out_dir=str(tmp_path), model="small_cnn", num_classes=4, in_channels=3, eps=0.1,
-                             step_size=0.03, attack_steps=2, eval_pgd_steps=2, sparsity=0.8, gamma=0.1,
-                             warmup_epochs=0, ascent_sync=ascent_sync)
+    pruner = RecordingPruner(
+        out_dir=str(tmp_path),
+        model="small_cnn",
+        num_classes=4,
+        in_channels=3,
+        eps=0.1,
+        step_size=0.03,
+        attack_steps=2,
+        eval_pgd_steps=2,
+        sparsity=0.8,
+        gamma=0.1,
+        warmup_epochs=0,
+        ascent_sync=ascent_sync,
+    )
     dm = RobustDataModule("synthetic", batch_size=16, synthetic_samples=160)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", limit_train_batches=3, max_epochs=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        limit_train_batches=3,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
     trainer.fit(pruner, datamodule=dm)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 

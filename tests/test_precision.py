@@ -21,8 +21,9 @@ def test_attack_runs_in_fp32_inside_autocast():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_every_stage_trains_in_bf16(tmp_path, fast_kwargs, synthetic_dm, trainer_factory, monkeypatch,
-                                    channels_last):
+def test_every_stage_trains_in_bf16(
+    tmp_path, fast_kwargs, synthetic_dm, trainer_factory, monkeypatch, channels_last
+):
     dtypes = []
     real_pgd = losses.pgd
 
@@ -33,8 +34,11 @@ def test_every_stage_trains_in_bf16(tmp_path, fast_kwargs, synthetic_dm, trainer
     monkeypatch.setattr(losses, "pgd", recording_pgd)
     kw = dict(fast_kwargs, channels_last=channels_last)
     path = None
-    for cls, extra in ((RobustPretrainer, {}), (ScoreSpaceSAMPruner, {"warmup_epochs": 0, "gamma": 0.1}),
-                       (MaskedFinetuner, {})):
+    for cls, extra in (
+        (RobustPretrainer, {}),
+        (ScoreSpaceSAMPruner, {"warmup_epochs": 0, "gamma": 0.1}),
+        (MaskedFinetuner, {}),
+    ):
         module = cls(init_from=path, **extra, **kw)
         trainer = trainer_factory(max_epochs=1, precision="bf16-mixed", limit_val_batches=1)
         trainer.fit(module, datamodule=synthetic_dm)

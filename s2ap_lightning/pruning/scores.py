@@ -40,15 +40,30 @@ class ScoreSet(nn.Module):
     Args:
         model: the plain network whose weights are scored (not registered as a submodule, so the
             scores' state dict holds scores only).
-        sparsity: pruned fraction in (0, 1); 0.9 keeps 10 % of every layer.
+        sparsity: pruned fraction in (0, 1); 0.9 keeps 10 % of every layer (``scope="layer"``, the
+            paper's setting) or of the whole network (``scope="global"``).
+        scope: ``layer`` (per-layer top-k) or ``global`` (one threshold across layers on scores
+            normalised by each layer's RMS, so that layers of different fan-in compare).
+        min_layer_keep: with ``global``, the fraction of every layer kept whatever the ranking (at
+            least one weight), so that no layer is cut off entirely.
 
     """
 
-    def __init__(self, model: nn.Module, sparsity: float) -> None:
+    def __init__(
+        self, model: nn.Module, sparsity: float, scope: str = "layer", min_layer_keep: float = 0.0
+    ) -> None:
         super().__init__()
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity!r} is out of range: it must lie in (0, 1)")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope={scope!r} is unknown; valid: layer, global")
+        if not 0.0 <= min_layer_keep <= 1.0 - sparsity:
+            raise ValueError(
+                f"min_layer_keep={min_layer_keep} is out of range: valid range is [0, {1 - sparsity:g}]"
+            )
         self.sparsity = sparsity
+        self.scope = scope
+        self.min_layer_keep = min_layer_keep
         self.names = prunable_weight_names(model)
         params = dict(model.named_parameters())
         self.scores = nn.ParameterDict(
@@ -72,7 +87,35 @@ class ScoreSet(nn.Module):
 
     def kept_counts(self) -> dict[str, int]:
         """Per-layer number of kept weights; base methods with learnt rates override this."""
+        if self.scope == "global":
+            return self._global_counts()
         return {n: kept_count(s.numel(), self.sparsity) for n, s in self.items()}
+
+    @torch.no_grad()
+    def _global_counts(self) -> dict[str, int]:
+        """One threshold on RMS-normalised ``|s|`` across layers, each layer keeping a minimum."""
+        items = self.items()
+        total = sum(s.numel() for _, s in items)
+        budget = kept_count(total, self.sparsity)
+        minimum = {n: min(s.numel(), max(1, round(self.min_layer_keep * s.numel()))) for n, s in items}
+        normalised = []
+        for name, s in items:
+            a = s.detach().abs().flatten()
+            a = a / a.pow(2).mean().sqrt().clamp_min(1e-12)
+            reserved = torch.topk(a, minimum[name]).indices
+            a = a.clone()
+            a[reserved] = -1.0  # already kept: not competing for the global budget
+            normalised.append(a)
+        rest = max(budget - sum(minimum.values()), 0)
+        flat = torch.cat(normalised)
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        if rest:
+            chosen[torch.topk(flat, rest).indices] = True
+        counts, offset = {}, 0
+        for (name, _), a in zip(items, normalised, strict=True):
+            counts[name] = minimum[name] + int(chosen[offset : offset + a.numel()].sum())
+            offset += a.numel()
+        return counts
 
     def masks(self) -> dict[str, Tensor]:
         """Binary masks of the current scores: one top-k per layer."""
@@ -109,3 +152,47 @@ def masked_forward(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -
     statistics update in place exactly as in a normal forward.
     """
     return functional_call(model, dict(weights), (x,), strict=False)
+
+
+class HarpScoreSet(ScoreSet):
+    """HARP: scores plus one learnable rate per layer that sets that layer's keep fraction.
+
+    ``k_l = k_min + (1 - k_min) * sigmoid(r_l)`` with ``k_min = 0.1 * k_target``; the rates start where
+    every layer keeps the target fraction. The rate's gradient is the sum of that layer's score
+    gradients: the straight-through factor carries a ``sign(s) * (r - r.detach())`` term whose value is
+    exactly zero.
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float, **kwargs: object) -> None:
+        super().__init__(model, sparsity, **kwargs)
+        self.target = 1.0 - sparsity
+        self.k_min = 0.1 * self.target
+        start = (self.target - self.k_min) / (1.0 - self.k_min)
+        logit = float(torch.logit(torch.tensor(start)))
+        self.rates = nn.ParameterDict({_key(n): nn.Parameter(torch.tensor(logit)) for n in self.names})
+
+    def keep_fraction(self, name: str) -> Tensor:
+        return self.k_min + (1.0 - self.k_min) * torch.sigmoid(self.rates[_key(name)])
+
+    def kept_counts(self) -> dict[str, int]:
+        return {n: int(round(float(self.keep_fraction(n).detach()) * s.numel())) for n, s in self.items()}
+
+    def effective_weights(
+        self, model: nn.Module, masks: Mapping[str, Tensor], differentiable: bool = True
+    ) -> dict[str, Tensor]:
+        out = super().effective_weights(model, masks, differentiable)
+        if differentiable:
+            params = dict(model.named_parameters())
+            for name, score in self.items():
+                rate = self.rates[_key(name)]
+                out[name] = out[name] + params[name].detach() * score.detach().sign() * (rate - rate.detach())
+        return out
+
+    def expected_density(self) -> Tensor:
+        """Differentiable density implied by the rates (what the size loss sees)."""
+        total = sum(s.numel() for _, s in self.items())
+        return sum(self.keep_fraction(n) * s.numel() for n, s in self.items()) / total
+
+    def size_loss(self) -> Tensor:
+        """``max(density / k_target - 1, 0)``."""
+        return torch.relu(self.expected_density() / self.target - 1.0)

@@ -236,7 +236,26 @@ class RobustTask(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/robust_acc", self.train_robust_acc)
 
+    def on_train_epoch_end(self) -> None:
+        self.log_layer_sparsity()
+
+    def log_layer_sparsity(self) -> None:
+        """Per-layer and global sparsity (exact zeros) of the network this stage evaluates."""
+        from s2ap_lightning.pruning.scores import prunable_weight_names
+
+        with torch.no_grad():
+            substituted = self.weights_for_eval()
+            params = dict(self.model.named_parameters())
+            zeros = total = 0
+            for name in prunable_weight_names(self.model):
+                w = substituted.get(name, params[name])
+                z = int((w == 0).sum())
+                zeros, total = zeros + z, total + w.numel()
+                self.log(f"sparsity/{name}", z / w.numel())
+            self.log("sparsity/global", zeros / max(total, 1))
+
     # ----------------------------------------------------------------- evaluation
+
     def weights_for_eval(self) -> Mapping[str, Tensor]:
         """Weights substituted into the plain model when it is evaluated (none by default)."""
         return {}

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
-from s2ap_lightning.pruning.scores import ScoreSet, masked_forward
+from s2ap_lightning.pruning.scores import HarpScoreSet, ScoreSet, masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -42,6 +42,13 @@ class ScoreSpaceSAMPruner(RobustTask):
             (HYDRA's default is False: affine parameters train, running statistics update).
         ascent_sync: under data parallelism, synchronise the pass-1 gradient (a global ascent
             direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
+        base_method: ``hydra`` (per-layer rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate
+            per layer, pushed to the overall target by a size loss). S2AP perturbs the scores only.
+        size_loss_weight: HARP's size-loss weight in the first epoch; it grows linearly per epoch
+            until the density target is met, then stays.
+        scope: ``layer`` (the paper's per-layer top-k) or ``global`` (one threshold across layers).
+        min_layer_keep: with ``scope: global``, the fraction of every layer always kept.
+
         lr: score learning rate (HYDRA: 0.1).
         **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
 
@@ -55,11 +62,18 @@ class ScoreSpaceSAMPruner(RobustTask):
         reuse_adversarial: bool = True,
         freeze_bn: bool = False,
         ascent_sync: bool = False,
+        base_method: str = "hydra",
+        size_loss_weight: float = 1.0,
+        scope: str = "layer",
+        min_layer_keep: float = 0.0,
         lr: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
+        # HARP's size-loss weight grows per epoch until the density target is met, then stays.
+        self.register_buffer("size_weight", torch.tensor(float(size_loss_weight)))
+        self.register_buffer("size_weight_frozen", torch.tensor(False))
         self._eval_weights: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- configuration
@@ -69,6 +83,13 @@ class ScoreSpaceSAMPruner(RobustTask):
         check_range("sparsity", hp.sparsity, 0.0, 1.0, low_open=True, high_open=True)
         check_range("gamma", hp.gamma, 0.0, None)
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
+        check_range("size_loss_weight", hp.size_loss_weight, 0.0, None)
+        if hp.base_method not in ("hydra", "harp"):
+            raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: hydra, harp")
+        if hp.scope not in ("layer", "global"):
+            raise ValueError(f"scope={hp.scope!r} is unknown; valid: layer, global")
+        if hp.base_method == "harp" and hp.scope != "layer":
+            raise ValueError("scope='global' does not apply to base_method='harp' (its rates set each layer)")
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -79,8 +100,11 @@ class ScoreSpaceSAMPruner(RobustTask):
             param.requires_grad_(isinstance(module, _BN) and not self.hparams.freeze_bn)
 
     def make_scores(self) -> ScoreSet:
-        """The score container; base methods with learnt per-layer rates return a subclass."""
-        return ScoreSet(self.model, self.hparams.sparsity)
+        """The score container of the base method (HARP adds learnt per-layer rates)."""
+        hp = self.hparams
+        if hp.base_method == "harp":
+            return HarpScoreSet(self.model, hp.sparsity)
+        return ScoreSet(self.model, hp.sparsity, scope=hp.scope, min_layer_keep=hp.min_layer_keep)
 
     def setup(self, stage: str) -> None:
         restored = self._restored
@@ -137,7 +161,10 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     def _loss(self, masks: Mapping[str, Tensor], x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
         weights = self.scores.effective_weights(self.model, masks, differentiable=True)
-        return self.robust_loss(lambda inp: masked_forward(self.model, weights, inp), x, x_adv, y)
+        out = self.robust_loss(lambda inp: masked_forward(self.model, weights, inp), x, x_adv, y)
+        if isinstance(self.scores, HarpScoreSet):
+            out.loss = out.loss + self.size_weight * self.scores.size_loss()
+        return out
 
     def _rank_local(self) -> contextlib.AbstractContextManager:
         """No gradient synchronisation for the enclosed backward under DDP (pass 1, by default)."""
@@ -199,7 +226,17 @@ class ScoreSpaceSAMPruner(RobustTask):
                 )
         with torch.no_grad():
             masks = self.scores.masks()
-        self.log("prune/density", self.scores.density(masks))
+            # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
+            self._eval_weights = self.scores.effective_weights(self.model, masks, differentiable=False)
+        density = self.scores.density(masks)
+
+        self.log("prune/density", density)
+        if isinstance(self.scores, HarpScoreSet) and not bool(self.size_weight_frozen):
+            if density <= self.scores.target:
+                self.size_weight_frozen.fill_(True)
+            else:
+                self.size_weight.fill_(self.hparams.size_loss_weight * (self.current_epoch + 2))
+        super().on_train_epoch_end()
 
 
 class HydraPruner(ScoreSpaceSAMPruner):

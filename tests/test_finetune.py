@@ -72,3 +72,56 @@ def test_pretrainer_learns_synthetic_data(fast_kwargs, synthetic_dm, trainer_fac
     trainer.fit(model, datamodule=synthetic_dm)
     assert trainer.callback_metrics["val/clean_acc"] > 0.8
     assert trainer.callback_metrics["val/robust_acc"] <= trainer.callback_metrics["val/clean_acc"]
+
+
+def test_awp_step_equals_hand_computation(pruned_state_dict_file, fast_kwargs, trainer_factory):
+    import copy
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from s2ap_lightning.attacks import AttackConfig, attack_context, pgd
+
+    path, masks = pruned_state_dict_file
+    gamma, lr = 0.05, 0.1
+    ft = MaskedFinetuner(
+        init_from=str(path), lr=lr, momentum=0.0, weight_decay=0.0, awp_gamma=gamma, **fast_kwargs
+    )
+    ft.setup("fit")
+    ft.train_attack = AttackConfig(
+        ft.hparams.eps, ft.hparams.step_size, ft.hparams.attack_steps, random_start=False
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+    hand = copy.deepcopy(ft.model)
+    with attack_context(hand):
+        x_adv = pgd(hand, x, lambda z: F.cross_entropy(z, y, reduction="sum"), ft.train_attack)
+    hand.train()
+    weights = {n: p for n, p in hand.named_parameters() if p.dim() > 1}
+    momenta = [m.momentum for m in hand.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in hand.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    grads = torch.autograd.grad(F.cross_entropy(hand(x_adv), y), list(weights.values()))
+    for m, mom in zip([m for m in hand.modules() if isinstance(m, torch.nn.BatchNorm2d)], momenta):
+        m.momentum = mom
+    v = {}
+    with torch.no_grad():
+        for (n, w), gr in zip(weights.items(), grads):
+            v[n] = gamma * w.norm() * gr / (gr.norm() + 1e-12) * masks.get(n, torch.ones_like(w))
+            w.add_(v[n])
+    loss = F.cross_entropy(hand(x_adv), y)
+    params = [p for p in hand.parameters() if p.requires_grad]
+    grads2 = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        named = dict(hand.named_parameters())
+        for n, vv in v.items():
+            named[n].sub_(vv)
+        for (n, p), gr in zip([(n, p) for n, p in hand.named_parameters() if p.requires_grad], grads2):
+            p.sub_(lr * (gr * masks[n] if n in masks else gr))
+    trainer = trainer_factory(max_steps=1, limit_val_batches=0)
+    trainer.fit(ft, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=16))
+    for (n, a), (_, b) in zip(ft.model.named_parameters(), hand.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    for n, m in masks.items():
+        assert (dict(ft.model.named_parameters())[n][m == 0] == 0).all()

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from s2ap_lightning.checkpoint import stored_masks
+from s2ap_lightning.pruning.perturbation import frozen_bn_statistics
 from s2ap_lightning.pruning.scores import prunable_weight_names
+from s2ap_lightning.stages.base import check_range
 from s2ap_lightning.stages.pretrain import RobustPretrainer
 
 
@@ -37,14 +39,53 @@ class MaskedFinetuner(RobustPretrainer):
     optimiser step: their gradients are masked before the step (so momentum and weight decay never
     move them) and the mask is re-applied after it.
 
+    With ``awp_gamma > 0`` the finetuning is AWP (Wu et al.), as the S2AP paper finetunes: before the
+    loss on ``x_adv``, every weight tensor with more than one dimension is moved by
+    ``v_l = awp_gamma * ||w_l|| * d_l / ||d_l||`` (one ascent step on the same ``x_adv``, masked so that
+    pruned weights stay zero), the gradient is taken there, the weights are restored, and the
+    optimiser steps. Use the same finetuning for the baseline and the S2AP masks.
+
     Args:
         lr: finetuning learning rate (paper: 0.01).
+        awp_gamma: relative AWP radius; 0 disables AWP (paper: 0.01 with PGD-AT, 0.005 with TRADES).
+        awp_warmup_epochs: epochs of plain adversarial finetuning before AWP starts.
         **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
 
     """
 
-    def __init__(self, lr: float = 0.01, **kwargs: Any) -> None:
+    def __init__(
+        self, lr: float = 0.01, awp_gamma: float = 0.0, awp_warmup_epochs: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(lr=lr, **kwargs)
+        self._awp_offsets: dict[str, Tensor] | None = None
+
+    def validate_hparams(self) -> None:
+        super().validate_hparams()
+        check_range("awp_gamma", self.hparams.awp_gamma, 0.0, None)
+        check_range("awp_warmup_epochs", self.hparams.awp_warmup_epochs, 0, None)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        if hp.awp_gamma == 0 or self.current_epoch < hp.awp_warmup_epochs:
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        x_adv = self.robust_loss.adversarial(self.model, x, y, self.train_attack, self.model)
+        weights = {n: p for n, p in self.model.named_parameters() if p.dim() > 1}
+        with frozen_bn_statistics(self.model):  # the ascent pass must not move BatchNorm statistics
+            ascent = self.robust_loss(self.model, x, x_adv, y).loss
+        grads = torch.autograd.grad(ascent, list(weights.values()))
+        masks = dict(self.masks.items())
+        with torch.no_grad():
+            self._awp_offsets = {}
+            for (name, w), g in zip(weights.items(), grads, strict=True):
+                v = hp.awp_gamma * w.norm() * g / (g.norm() + 1e-12)
+                if name in masks:
+                    v = v * masks[name]
+                w.add_(v)
+                self._awp_offsets[name] = v
+        out = self.robust_loss(self.model, x, x_adv, y)
+        self.log_training(out.loss, out.logits_adv, y)
+        return out.loss
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -69,6 +110,11 @@ class MaskedFinetuner(RobustPretrainer):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         params = dict(self.model.named_parameters())
+        if self._awp_offsets is not None:  # AWP: gradients were taken at w + v; step from w
+            with torch.no_grad():
+                for name, v in self._awp_offsets.items():
+                    params[name].sub_(v)
+            self._awp_offsets = None
         for name, mask in self.masks.items():
             if params[name].grad is not None:
                 params[name].grad.mul_(mask)

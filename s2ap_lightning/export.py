@@ -21,7 +21,15 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
     """Build the plain architecture a stage checkpoint was trained with."""
     hp = checkpoint.get("hyper_parameters") or {}
     try:
-        return build_model(hp["model"], hp["num_classes"], hp["in_channels"], hp.get("mean"), hp.get("std"))
+        return build_model(
+            hp["model"],
+            hp["num_classes"],
+            hp["in_channels"],
+            hp.get("mean"),
+            hp.get("std"),
+            hp.get("image_size", 32),
+        )
+
     except KeyError as err:
         raise CheckpointError(f"checkpoint has no hyper-parameter {err} to rebuild the model") from err
 

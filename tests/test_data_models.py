@@ -126,3 +126,59 @@ def test_normalisation_inside_model():
     plain.load_state_dict(model.state_dict())
     x = torch.rand(2, 1, 8, 8)
     assert torch.allclose(model(x), plain((x - 0.5) / 0.25), atol=1e-6)
+
+
+def write_image_folder(root, classes=3, per_class=4, size=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n0{c:07d}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(
+                    d / f"{i}.JPEG"
+                )
+
+
+def test_image_folder_imagenet_layout(tmp_path):
+    write_image_folder(tmp_path)
+    dm = RobustDataModule(
+        "imagefolder", data_dir=str(tmp_path), crop_size=32, batch_size=4, val_fraction=0.25
+    )
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (3, 3, 32)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 12 and len(dm.test_set) == 12
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert dm.test_set[0][0].shape == (3, 32, 32)
+
+
+def test_image_folder_without_train_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        RobustDataModule("imagenet", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name,size", [("vit", 32), ("resnet50", 64)])
+def test_vit_and_resnet50(name, size):
+    from s2ap_lightning.pruning import prunable_weight_names
+
+    model = build_model(name, 10, 3, image_size=size).eval()
+    assert model(torch.rand(2, 3, size, size)).shape == (2, 10)
+    names = prunable_weight_names(model)
+    if name == "vit":
+        assert "blocks.0.attn.qkv.weight" in names and "head.weight" in names
+    else:
+        import torchvision
+
+        assert set(model.state_dict()) == set(torchvision.models.resnet50(num_classes=10).state_dict())
+
+
+def test_vgg16_key_names_match_hydra_variant():
+    state = build_model("vgg16_bn", 10, 3).state_dict()
+    assert state["classifier.0.weight"].shape == (256, 2048)
+    assert state["classifier.2.weight"].shape == (256, 256)
+    assert state["classifier.4.weight"].shape == (10, 256)
+    assert state["features.0.weight"].shape == (64, 3, 3, 3) and "features.1.running_mean" in state
+    assert sum(k.endswith(".weight") and v.dim() == 4 for k, v in state.items()) == 13

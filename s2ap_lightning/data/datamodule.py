@@ -8,7 +8,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from s2ap_lightning.data.datasets import DATASETS, DatasetInfo, digits, synthetic, torchvision_dataset
+from s2ap_lightning.data.datasets import (
+    DATASETS,
+    DatasetInfo,
+    digits,
+    image_folder,
+    image_folder_info,
+    synthetic,
+    torchvision_dataset,
+)
 from s2ap_lightning.data.samplers import ResumableSampler
 
 
@@ -31,6 +39,10 @@ class RobustDataModule(L.LightningDataModule):
         synthetic_samples: size of the synthetic dataset.
         synthetic_image_size: side of the synthetic images (32 gives CIFAR-shaped data).
         synthetic_classes: classes of the synthetic dataset.
+        svhn_extra: add SVHN's "extra" split (531k images) to training; validation is still carved
+            from the training data and testing uses "test".
+        crop_size: image side for ``imagefolder``/``imagenet`` (ImageNet layout: ``data_dir/train``
+            and ``data_dir/val``, one sub-folder per class; ``val`` is the test split).
 
     """
 
@@ -48,6 +60,8 @@ class RobustDataModule(L.LightningDataModule):
         synthetic_samples: int = 512,
         synthetic_image_size: int = 8,
         synthetic_classes: int = 4,
+        svhn_extra: bool = False,
+        crop_size: int = 224,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -62,6 +76,8 @@ class RobustDataModule(L.LightningDataModule):
         self.info = DATASETS[dataset]
         if dataset == "synthetic":
             self.info = DatasetInfo(synthetic_classes, self.info.in_channels, synthetic_image_size)
+        elif dataset in ("imagefolder", "imagenet"):
+            self.info = image_folder_info(data_dir, crop_size)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -80,7 +96,7 @@ class RobustDataModule(L.LightningDataModule):
         return self.info.image_size
 
     def prepare_data(self) -> None:
-        if self.hparams.download and self.hparams.dataset not in ("digits", "synthetic"):
+        if self.hparams.download and self.hparams.dataset in ("cifar10", "cifar100", "svhn"):
             torchvision_dataset(
                 self.hparams.dataset,
                 self.hparams.data_dir,
@@ -98,9 +114,11 @@ class RobustDataModule(L.LightningDataModule):
             splits = digits(hp.val_fraction, hp.split_seed)
         elif hp.dataset == "synthetic":
             splits = synthetic(hp.val_fraction, hp.split_seed, hp.synthetic_samples, self.info)
+        elif hp.dataset in ("imagefolder", "imagenet"):
+            splits = image_folder(hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, hp.crop_size)
         else:
             splits = torchvision_dataset(
-                hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False
+                hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False, hp.svhn_extra
             )
         self.train_set, self.val_set, self.test_set = splits
         if hp.test_subset:

@@ -27,6 +27,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(10, 3, 32),
     "cifar100": DatasetInfo(100, 3, 32),
     "svhn": DatasetInfo(10, 3, 32),
+    # ImageNet-style folders: the class count is read from the folder.
+    "imagefolder": DatasetInfo(0, 3, 224),
+    "imagenet": DatasetInfo(1000, 3, 224),
 }
 
 
@@ -72,8 +75,62 @@ def synthetic(
     return _tensor_splits(x, y, 0.2, val_fraction, seed)
 
 
+def image_folder_info(root: str | Path, crop_size: int) -> DatasetInfo:
+    """Classes of an ImageNet-style folder (``train/<class>/*``), known before any image is read."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(
+            f"image folder dataset expects {str(train)!r} with one sub-folder per class "
+            "(and 'val' laid out the same way); set data_dir"
+        )
+    classes = [d for d in train.iterdir() if d.is_dir()]
+    return DatasetInfo(len(classes), 3, crop_size)
+
+
+def image_folder(
+    root: str | Path, val_fraction: float, seed: int, augment: bool, crop_size: int
+) -> tuple[Dataset, Dataset, Dataset]:
+    """ImageNet layout: ``train/`` (training and validation, split with a seed) and ``val/`` (test).
+
+    Standard ImageNet preprocessing: random-resized crop and flip for training; resize to
+    ``crop * 256/224`` and centre crop for evaluation. Inputs stay in [0, 1] (normalisation is inside
+    the model).
+    """
+    from torchvision import datasets, transforms
+
+    resize = int(round(crop_size * 256 / 224))
+    plain = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.ToTensor()]
+    )
+    train_tf = (
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(crop_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
+        if augment
+        else plain
+    )
+    root = Path(root)
+    train_full = datasets.ImageFolder(root / "train", transform=train_tf)
+    eval_full = datasets.ImageFolder(root / "train", transform=plain)
+    test = datasets.ImageFolder(root / "val", transform=plain)
+    if test.classes != train_full.classes:
+        raise ValueError(f"{root / 'val'} and {root / 'train'} hold different classes")
+    train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
+    return Subset(train_full, train_idx), Subset(eval_full, val_idx), test
+
+
 def torchvision_dataset(
-    name: str, root: str | Path, val_fraction: float, seed: int, augment: bool, download: bool
+    name: str,
+    root: str | Path,
+    val_fraction: float,
+    seed: int,
+    augment: bool,
+    download: bool,
+    svhn_extra: bool = False,
 ) -> tuple[Dataset, Dataset, Dataset]:
     """CIFAR-10/100 and SVHN through torchvision's own loaders (files in their usual format).
 
@@ -96,6 +153,11 @@ def torchvision_dataset(
         if name == "svhn":
             make = lambda split, tf: datasets.SVHN(root, split=split, transform=tf, download=download)  # noqa: E731
             train_full, eval_full, test = make("train", train_tf), make("train", plain), make("test", plain)
+            if svhn_extra:  # the 531k "extra" images join training only; test stays "test"
+                from torch.utils.data import ConcatDataset
+
+                train_full = ConcatDataset([train_full, make("extra", train_tf)])
+                eval_full = ConcatDataset([eval_full, make("extra", plain)])
         else:
             cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
             make = lambda train, tf: cls(root, train=train, transform=tf, download=download)  # noqa: E731

@@ -70,6 +70,12 @@ class RobustTask(L.LightningModule):
         weight_decay: SGD weight decay.
         init_from: checkpoint of the previous stage, or a plain state dict, loaded before training;
             distinct from the Trainer's ``ckpt_path``, which resumes this same stage.
+        image_size: input side (linked from the DataModule by the CLI; the ViT needs it).
+        channels_last: NHWC memory format for model and inputs (faster convolutions on recent GPUs).
+        aa_images: test images attacked with AutoAttack by ``s2ap test`` (the first N of the test
+            split; 0 skips AutoAttack). Clean and PGD accuracy always use the whole test split.
+        aa_batch_size: AutoAttack batch size.
+        aa_version: AutoAttack version (``standard``, ``plus``, ``rand``).
 
     """
 
@@ -92,6 +98,7 @@ class RobustTask(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         init_from: str | None = None,
+        image_size: int = 32,
         channels_last: bool = False,
         aa_images: int = 1000,
         aa_batch_size: int = 500,
@@ -133,7 +140,7 @@ class RobustTask(L.LightningModule):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = build_model(hp.model, hp.num_classes, hp.in_channels, hp.mean, hp.std)
+        self.model = build_model(hp.model, hp.num_classes, hp.in_channels, hp.mean, hp.std, hp.image_size)
 
     def configure_losses(self) -> None:
         self.robust_loss = build_robust_loss(self.hparams.robust_loss, self.hparams.beta)

@@ -97,7 +97,7 @@ def _analysis(name: str) -> Callable[[list[str]], int]:
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "export": _export,
-    **{name: _analysis(name) for name in ("hamming", "sharpness", "landscape", "security", "report")},
+    **{name: _analysis(name) for name in ("hamming", "sharpness", "landscape", "security", "report", "pick")},
 }
 
 

@@ -156,3 +156,10 @@ def test_bad_sparsity_fails_fast_with_range(tmp_path):
             str(tmp_path),
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_pick_by_validation_robust_accuracy(chained, capsys):
+    tmp, pre, prune, ft = chained
+    assert cli("pick", str(tmp / "pretrain"), str(tmp / "s2ap")) == 0
+    out = capsys.readouterr().out
+    assert "best:" in out and "gamma=0.01" in out

@@ -194,7 +194,38 @@ def report_command(argv: list[str]) -> int:
     return 0
 
 
+def best_validation_score(path: str | Path) -> float:
+    """``val/robust_acc`` of a run's best checkpoint, read from its checkpoint callback's state."""
+    path = Path(path)
+    ckpt = load_file(path / "best.ckpt" if path.is_dir() else path)
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "val/robust_acc" in key and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    raise SystemExit(f"{path}: no val/robust_acc score stored in the checkpoint")
+
+
+def pick_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="s2ap pick",
+        description=(
+            "Pick among runs (e.g. a gamma sweep) by best validation robust accuracy; never the test set."
+        ),
+    )
+    parser.add_argument("runs", nargs="+", help="run folders holding best.ckpt, or checkpoint files")
+    args = parser.parse_args(argv)
+    scored = []
+    for run in args.runs:
+        hp = load_file(Path(run) / "best.ckpt" if Path(run).is_dir() else run).get("hyper_parameters", {})
+        scored.append((best_validation_score(run), run, hp.get("gamma")))
+    for score, run, gamma in sorted(scored, reverse=True):
+        print(f"{score:.4f}  gamma={gamma}  {run}")
+    score, run, gamma = max(scored)
+    print(f"best: {run} (gamma={gamma}, val/robust_acc {score:.4f})")
+    return 0
+
+
 COMMANDS = {
+    "pick": pick_command,
     "hamming": hamming_command,
     "sharpness": sharpness_command,
     "landscape": landscape_command,

@@ -191,8 +191,10 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     print(format_table(rows))
     print(
         f"\nPGD-{cfg.pgd_steps} and clean accuracy on all {len(x_test)} test images; AutoAttack "
-        f"standard on the first {min(cfg.aa_images, len(x_test))}. Results: {out / 'results.csv'}"
+        f"standard on the first {min(cfg.aa_images, len(x_test))}. Results: {out / 'results.csv'}; "
+        f"report with plots: {report}"
     )
+
     return rows
 
 

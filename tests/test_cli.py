@@ -163,3 +163,65 @@ def test_pick_by_validation_robust_accuracy(chained, capsys):
     assert cli("pick", str(tmp / "pretrain"), str(tmp / "s2ap")) == 0
     out = capsys.readouterr().out
     assert "best:" in out and "gamma=0.01" in out
+
+
+def test_analysis_commands_on_a_mask_search_checkpoint(chained, tmp_path, capsys):
+    import json
+
+    tmp, pre, prune, ft = chained
+    assert (
+        cli("sharpness", str(prune), "--images", "8", "--max-iter", "5", "--out", str(tmp_path / "s.json"))
+        == 0
+    )
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["n_images"] == 8 and record["iterations"] <= 5
+    assert cli("landscape", str(prune), "--images", "16", "--points", "5", "--out", str(tmp_path / "l")) == 0
+    assert (tmp_path / "l.png").stat().st_size > 1000 and (tmp_path / "l.npz").exists()
+    assert cli("hamming", str(prune), str(ft), "--per-layer") == 0
+    out = capsys.readouterr().out
+    assert "hamming (normalised): 0.000000" in out, "finetuning keeps the searched mask"
+    assert cli("security", str(ft), "--images", "16", "--steps", "20", "--out", str(tmp_path / "sec")) == 0
+    curve = json.loads((tmp_path / "sec.json").read_text())
+    assert curve["robust_acc"][0] >= curve["robust_acc"][-1]
+
+
+def test_mask_robust_accuracy_is_s2ap_test_on_the_search_checkpoint(chained):
+    import json
+
+    from s2ap_lightning.checkpoint import load_file
+    from s2ap_lightning.data import RobustDataModule
+    from s2ap_lightning.export import pruned_state_dict
+
+    tmp, _, prune, _ = chained
+    cli(
+        "test",
+        "--config",
+        str(CONFIGS / "stages" / "s2ap.yaml"),
+        "--config",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--ckpt_path",
+        str(prune),
+        "--checkpoint.dirpath",
+        str(tmp / "masktest"),
+        "--trainer.default_root_dir",
+        str(tmp / "masktest"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.synthetic_samples",
+        "128",
+        "--model.sparsity",
+        "0.8",
+        "--model.aa_images",
+        "0",
+    )
+    record = json.loads(prune.with_suffix(".eval.json").read_text())
+    assert record["stage"] == "ScoreSpaceSAMPruner"
+    # The figure is the pretrained weights under the searched mask: the exported masked model agrees.
+    model, _ = pruned_state_dict(load_file(prune))
+    dm = RobustDataModule("synthetic", batch_size=32, synthetic_samples=128)
+    dm.setup()
+    x = torch.stack([dm.test_set[i][0] for i in range(len(dm.test_set))])
+    y = torch.tensor([int(dm.test_set[i][1]) for i in range(len(dm.test_set))])
+    with torch.no_grad():
+        clean = (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert record["clean_acc"] == pytest.approx(clean, abs=1e-6)

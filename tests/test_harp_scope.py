@@ -136,3 +136,26 @@ def test_global_scope_one_threshold_with_layer_minimum():
     assert len({round(float(m.mean()), 3) for m in masks.values()}) > 1, "layers keep different fractions"
     with pytest.raises(ValueError, match="min_layer_keep=0.5 is out of range"):
         ScoreSet(model, 0.9, scope="global", min_layer_keep=0.5)
+
+
+def test_harp_size_weight_grows_until_target_then_freezes(fast_kwargs, synthetic_dm, trainer_factory):
+    pruner = harp_pruner(fast_kwargs, gamma=0.0, size_loss_weight=0.5)
+    with torch.no_grad():  # start well above the density target
+        for r in pruner.scores.rates.values():
+            r.fill_(3.0)
+    trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
+        pruner, datamodule=synthetic_dm
+    )
+    assert float(pruner.size_weight) == pytest.approx(1.0) and not bool(pruner.size_weight_frozen)
+    with torch.no_grad():
+        for r in pruner.scores.rates.values():
+            r.fill_(-5.0)
+    trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
+        pruner, datamodule=synthetic_dm
+    )
+    assert bool(pruner.size_weight_frozen)
+    frozen = float(pruner.size_weight)
+    trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
+        pruner, datamodule=synthetic_dm
+    )
+    assert float(pruner.size_weight) == frozen

@@ -18,9 +18,15 @@ from s2ap_lightning.checkpoint import load_file
 
 
 def _fixed_subset(checkpoint: dict, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    import inspect
+
     from s2ap_lightning.data import RobustDataModule
 
-    data_hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    # Only the DataModule's own arguments (LightningCLI stores extra keys such as `_instantiator`).
+    accepted = set(inspect.signature(RobustDataModule.__init__).parameters) - {"self"}
+    stored = checkpoint.get("datamodule_hyper_parameters") or {}
+    data_hp = {k: v for k, v in stored.items() if k in accepted}
+
     if args.dataset:
         data_hp["dataset"] = args.dataset
     if args.data_dir:

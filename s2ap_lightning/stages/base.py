@@ -8,7 +8,7 @@ as it stands (the mask search evaluates ``w * M(s)``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -17,8 +17,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, pgd_ce
-from s2ap_lightning.attacks.losses import ROBUST_LOSSES
+from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, eval_mode, pgd_ce
+from s2ap_lightning.attacks.losses import ROBUST_LOSSES, LossOutput
 from s2ap_lightning.checkpoint import check_loadable, load_weights
 from s2ap_lightning.models import MODELS, build_model
 from s2ap_lightning.pruning.scores import masked_forward
@@ -149,7 +149,7 @@ class RobustTask(L.LightningModule):
         def acc() -> MulticlassAccuracy:
             return MulticlassAccuracy(self.hparams.num_classes, average="micro")
 
-        self.train_robust_acc = acc()
+        self.train_robust_acc, self.train_clean_acc = acc(), acc()
         self.val_clean_acc, self.val_robust_acc = acc(), acc()
         self.test_clean_acc, self.test_robust_acc = acc(), acc()
         # Gradient-masking checks and AutoAttack, at test time only.
@@ -231,8 +231,14 @@ class RobustTask(L.LightningModule):
             data.skip_train_batches(done)
 
     # ----------------------------------------------------------------- training
-    def log_training(self, loss: Tensor, logits_adv: Tensor, y: Tensor) -> None:
-        """Log the training loss and robust accuracy; stop on a non-finite loss."""
+    def log_training(self, out: LossOutput, y: Tensor, clean_logits: Callable[[], Tensor]) -> None:
+        """Log loss, clean and robust training accuracy; stop on a non-finite loss.
+
+        Clean accuracy reuses the loss's clean logits where it has them (TRADES, MART); otherwise
+        ``clean_logits`` is called once, without gradients and in eval mode (so BatchNorm statistics
+        are not touched).
+        """
+        loss, logits_adv = out.loss, out.logits_adv
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite training loss {loss.item()} at epoch "
@@ -240,8 +246,14 @@ class RobustTask(L.LightningModule):
                 "Lower the learning rate or check the data."
             )
         self.train_robust_acc(logits_adv.detach(), y)
+        clean = out.logits_clean
+        if clean is None:
+            with torch.no_grad(), eval_mode(self.model):
+                clean = clean_logits()
+        self.train_clean_acc(clean.detach(), y)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/robust_acc", self.train_robust_acc)
+        self.log("train/clean_acc", self.train_clean_acc)
 
     def on_train_epoch_end(self) -> None:
         self.log_layer_sparsity()

@@ -84,7 +84,7 @@ class MaskedFinetuner(RobustPretrainer):
                 w.add_(v)
                 self._awp_offsets[name] = v
         out = self.robust_loss(self.model, x, x_adv, y)
-        self.log_training(out.loss, out.logits_adv, y)
+        self.log_training(out, y, lambda: self.model(x))
         return out.loss
 
     def configure_models(self) -> None:

@@ -14,5 +14,5 @@ class RobustPretrainer(RobustTask):
         x, y = batch
         x_adv = self.robust_loss.adversarial(self.model, x, y, self.train_attack, self.model)
         out = self.robust_loss(self.model, x, x_adv, y)
-        self.log_training(out.loss, out.logits_adv, y)
+        self.log_training(out, y, lambda: self.model(x))
         return out.loss

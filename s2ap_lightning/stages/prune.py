@@ -208,7 +208,13 @@ class ScoreSpaceSAMPruner(RobustTask):
             with torch.no_grad():  # exact restore of s (subtracting z could differ in the last bit)
                 torch._foreach_copy_(list(scores.values()), [original[n] for n in scores])
             self.log("train/loss_pass1", first.loss.detach())
-        self.log_training(out.loss, out.logits_adv, y)  # raises on a non-finite loss, before the step
+        # Raises on a non-finite loss, before the step. Clean logits under this step's mask.
+        self.log_training(
+            out,
+            y,
+            lambda: masked_forward(self.model, self.scores.effective_weights(self.model, masks, False), x),
+        )
+
         opt.step()
         self._eval_weights = None
 

@@ -45,22 +45,15 @@ def stage(tmp, name, stage_cfg, epochs, *extra):
     return tmp / name / "best.ckpt"
 
 
+def prune_args(pretrained):
+    return ["--model.init_from", str(pretrained), "--model.warmup_epochs", "1", "--model.sparsity", "0.8"]
+
+
 @pytest.fixture(scope="module")
 def chained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chain")
     pre = stage(tmp, "pretrain", "pretrain.yaml", 2)
-    prune = stage(
-        tmp,
-        "s2ap",
-        "s2ap.yaml",
-        2,
-        "--model.init_from",
-        str(pre),
-        "--model.warmup_epochs",
-        "1",
-        "--model.sparsity",
-        "0.8",
-    )
+    prune = stage(tmp, "s2ap", "s2ap.yaml", 2, *prune_args(pre))
     ft = stage(tmp, "finetune", "finetune.yaml", 1, "--model.init_from", str(prune))
     return tmp, pre, prune, ft
 
@@ -121,20 +114,7 @@ def test_resume_same_stage_with_ckpt_path(chained, caplog):
     tmp, pre, prune, _ = chained
     last = tmp / "s2ap" / "last.ckpt"
     before = torch.load(last, weights_only=True)["global_step"]
-    stage(
-        tmp,
-        "s2ap",
-        "s2ap.yaml",
-        3,
-        "--model.init_from",
-        str(pre),
-        "--model.warmup_epochs",
-        "1",
-        "--model.sparsity",
-        "0.8",
-        "--ckpt_path",
-        str(last),
-    )
+    stage(tmp, "s2ap", "s2ap.yaml", 3, *prune_args(pre), "--ckpt_path", str(last))
     ckpt = torch.load(last, weights_only=True)
     assert before == 6, "last.ckpt is the end of epoch 2 of 2 (3 batches per epoch)"
     assert ckpt["global_step"] == 9 and ckpt["epoch"] == 2

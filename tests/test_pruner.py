@@ -243,3 +243,17 @@ def test_warmup_longer_than_search_fails_before_training(fast_kwargs, trainer_fa
     with pytest.raises(ValueError, match=r"warmup_epochs=5.*max_epochs=3"):
         fit(pruner, trainer_factory, fixed_batch(), epochs=3)
     assert pruner.scores.mask_computations == 0
+
+
+def test_restoring_under_another_sparsity_is_refused(fast_kwargs, trainer_factory, tmp_path):
+    pruner = make_pruner(fast_kwargs, gamma=0.0, sparsity=0.8)
+    trainer = fit(pruner, trainer_factory, fixed_batch(), epochs=1)
+    trainer.save_checkpoint(tmp_path / "p.ckpt")
+    other = make_pruner(fast_kwargs, gamma=0.0, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"sparsity=0.5 does not match the checkpoint's sparsity=0.8"):
+        trainer_factory(limit_test_batches=1).test(
+            other,
+            dataloaders=DataLoader(TensorDataset(*fixed_batch())),
+            ckpt_path=str(tmp_path / "p.ckpt"),
+            weights_only=True,
+        )

@@ -136,8 +136,20 @@ class ScoreSpaceSAMPruner(RobustTask):
             return []
         return [MaskStabilityCallback()]
 
+    #: Hyper-parameters that define the mask: a checkpoint restored under other values would be
+    #: evaluated or resumed with a different mask than the one it was searched with.
+    MASK_DEFINING = ("sparsity", "base_method", "scope", "min_layer_keep")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key in self.MASK_DEFINING:
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"{key}={self.hparams[key]!r} does not match the checkpoint's {key}={saved[key]!r}: "
+                    f"the mask would differ from the searched one. Pass --model.{key} {saved[key]}"
+                )
         super().on_load_checkpoint(checkpoint)
+
         self._eval_weights = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -38,7 +38,34 @@ class S2APCLI(LightningCLI):
         parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
 
+    #: Evaluation settings: at `test`/`validate` time they come from the command, not the checkpoint.
+    EVAL_KEYS = (
+        "eps",
+        "step_size",
+        "norm",
+        "eval_pgd_steps",
+        "eval_pgd_restarts",
+        "aa_images",
+        "aa_batch_size",
+        "aa_version",
+    )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's arguments with the checkpoint's hyper-parameters when
+        # `--ckpt_path` is given, which would silently drop `--model.aa_images 10000` and the like.
+        subcommand = self.config.get("subcommand")
+        keep = {}
+        if subcommand in ("test", "validate"):
+            for key in self.EVAL_KEYS:
+                value = self.config.get(f"{subcommand}.model.init_args.{key}")
+                if value is not None:
+                    keep[key] = value
+        super()._parse_ckpt_path()
+        for key, value in keep.items():
+            self.config[f"{subcommand}.model.init_args.{key}"] = value
+
     def _validate_ckpt_path(self) -> None:
+
         # Fail in seconds, naming the file, rather than deep inside Lightning's restore.
         path = self.config[self.subcommand].get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):

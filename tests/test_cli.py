@@ -1,5 +1,6 @@
 """The three stages chained by `init_from` through the real `s2ap` CLI, then export."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,31 @@ def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
     )
     out = capsys.readouterr().out
     assert "test/robust_acc" in out and "test/clean_acc" in out
+    # Evaluation settings given on the command line win over the checkpoint's training settings.
+    cli(
+        "test",
+        "--config",
+        str(CONFIGS / "stages" / "finetune.yaml"),
+        "--config",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--ckpt_path",
+        str(ft),
+        "--checkpoint.dirpath",
+        str(tmp / "test"),
+        "--trainer.default_root_dir",
+        str(tmp / "test"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.synthetic_samples",
+        "128",
+        "--model.eval_pgd_steps",
+        "7",
+        "--model.aa_images",
+        "3",
+    )
+    record = json.loads(ft.with_suffix(".eval.json").read_text())
+    assert record["pgd_steps"] == 7 and record["n_aa_images"] == 3
+    assert record["hyper_parameters"]["lr"] == 0.01, "everything else comes from the checkpoint"
 
 
 def test_resume_same_stage_with_ckpt_path(chained, caplog):

@@ -92,3 +92,19 @@ def test_effective_weights_have_exact_zeros():
     for name, w in scores.effective_weights(model, masks, differentiable=True).items():
         assert (w.detach()[masks[name] == 0] == 0).all()
         assert (w.detach()[masks[name] == 1] != 0).all()
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_batched_topk_selects_what_per_layer_topk_selects(arch):
+    from s2ap_lightning.pruning.masks import topk_masks
+
+    torch.manual_seed(0)
+    scores = ScoreSet(build_model(arch, 10, 3), 0.9)
+    with torch.no_grad():
+        for _, s in scores.items():
+            s.add_(1e-3 * torch.randn_like(s))  # no exact ties
+    counts = scores.kept_counts()
+    items = scores.items()
+    batched = topk_masks([s for _, s in items], [counts[n] for n, _ in items])
+    for (name, s), m in zip(items, batched):
+        assert torch.equal(m, topk_mask(s, counts[name])), name

@@ -7,6 +7,8 @@ included); the reference implementations of HYDRA and HARP sort the scores on ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -60,3 +62,28 @@ def scaled_score_init(weight: Tensor) -> Tensor:
 def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
     """Number of positions where two binary masks differ."""
     return (a.bool() != b.bool()).sum()
+
+
+def topk_masks(scores: Sequence[Tensor], counts: Sequence[int]) -> list[Tensor]:
+    """Per-tensor top-k masks of ``|s|`` for many tensors at once (two sorts instead of one top-k each).
+
+    Same selection as :func:`topk_mask` on every tensor (up to the order of exact ties): all scores
+    are sorted once by value, then stably by tensor, so each tensor's block is in descending order and
+    its first ``k`` entries are kept. On a GPU this replaces a few hundred small kernel launches per
+    mask computation (a ResNet-18 has 62 prunable layers) by about fifteen.
+    """
+    flat = [s.detach().flatten() for s in scores]
+    sizes = [f.numel() for f in flat]
+    values = torch.cat(torch._foreach_abs(flat))
+    device = values.device
+    layer = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(layer[order], stable=True)]
+    starts = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0)
+    rank = torch.arange(values.numel(), device=device) - starts[layer]
+    keep = rank < torch.tensor(list(counts), device=device)[layer]
+    mask = torch.zeros_like(values)
+    mask[order] = keep.to(values.dtype)
+    return [m.view_as(s) for m, s in zip(mask.split(sizes), scores, strict=True)]

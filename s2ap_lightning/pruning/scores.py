@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from s2ap_lightning.pruning.masks import kept_count, scaled_score_init, straight_through, topk_mask
+from s2ap_lightning.pruning.masks import (
+    kept_count,
+    scaled_score_init,
+    straight_through,
+    topk_mask,
+    topk_masks,
+)
 
 
 def prunable_weight_names(model: nn.Module) -> list[str]:
@@ -121,7 +127,12 @@ class ScoreSet(nn.Module):
         """Binary masks of the current scores: one top-k per layer."""
         self.mask_computations += 1
         counts = self.kept_counts()
-        return {n: topk_mask(s, counts[n]) for n, s in self.items()}
+        items = self.items()
+        if items and items[0][1].is_cuda:
+            # Launch-bound on GPUs: one batched selection instead of a top-k per layer.
+            masks = topk_masks([s for _, s in items], [counts[n] for n, _ in items])
+            return {n: m for (n, _), m in zip(items, masks, strict=True)}
+        return {n: topk_mask(s, counts[n]) for n, s in items}
 
     def effective_weights(
         self, model: nn.Module, masks: Mapping[str, Tensor], differentiable: bool = True

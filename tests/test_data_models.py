@@ -67,14 +67,15 @@ def test_cifar10_real_on_disk_format(tmp_path, monkeypatch):
     assert torch.equal(xv, dm.val_set[0][0]), "validation has no random augmentation"
 
 
-def test_svhn_real_on_disk_format(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [False, True])
+def test_svhn_real_on_disk_format(tmp_path, monkeypatch, extra):
     from scipy.io import savemat
     from torchvision.datasets import SVHN
     from torchvision.datasets.utils import calculate_md5
 
     rng = np.random.default_rng(0)
     split_list = {}
-    for split, n in (("train", 30), ("test", 10)):
+    for split, n in (("train", 30), ("test", 10), ("extra", 20)):
         fname = f"{split}_32x32.mat"
         savemat(
             tmp_path / fname,
@@ -85,9 +86,10 @@ def test_svhn_real_on_disk_format(tmp_path, monkeypatch):
         )
         split_list[split] = ["", fname, calculate_md5(str(tmp_path / fname))]
     monkeypatch.setattr(SVHN, "split_list", split_list)
-    dm = RobustDataModule("svhn", data_dir=str(tmp_path), batch_size=4)
+    dm = RobustDataModule("svhn", data_dir=str(tmp_path), batch_size=4, svhn_extra=extra)
     dm.setup()
-    assert len(dm.train_set) + len(dm.val_set) == 30 and len(dm.test_set) == 10
+    assert len(dm.train_set) + len(dm.val_set) == (50 if extra else 30) and len(dm.test_set) == 10
+
     labels = {int(dm.test_set[i][1]) for i in range(10)}
     assert labels <= set(range(10)), "label 10 means digit 0"
 

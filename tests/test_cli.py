@@ -88,48 +88,36 @@ def test_export_round_trip(chained, tmp_path, capsys):
     assert abs(global_sparsity - 0.8) < 0.01
 
 
-def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
-    tmp, _, _, ft = chained
-    cli(
+def run_test_subcommand(stage_cfg, ckpt, out_dir, *extra):
+    """`s2ap test` on a checkpoint, synthetic data, writing into out_dir."""
+    return cli(
         "test",
         "--config",
-        str(CONFIGS / "stages" / "finetune.yaml"),
+        str(CONFIGS / "stages" / stage_cfg),
         "--config",
         str(CONFIGS / "data" / "synthetic.yaml"),
         "--ckpt_path",
-        str(ft),
+        str(ckpt),
         "--checkpoint.dirpath",
-        str(tmp / "test"),
+        str(out_dir),
         "--trainer.default_root_dir",
-        str(tmp / "test"),
+        str(out_dir),
         "--trainer.enable_progress_bar",
         "false",
         "--data.synthetic_samples",
         "128",
+        *extra,
     )
+
+
+def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
+    tmp, _, _, ft = chained
+    run_test_subcommand("finetune.yaml", ft, tmp / "test")
     out = capsys.readouterr().out
     assert "test/robust_acc" in out and "test/clean_acc" in out
     # Evaluation settings given on the command line win over the checkpoint's training settings.
-    cli(
-        "test",
-        "--config",
-        str(CONFIGS / "stages" / "finetune.yaml"),
-        "--config",
-        str(CONFIGS / "data" / "synthetic.yaml"),
-        "--ckpt_path",
-        str(ft),
-        "--checkpoint.dirpath",
-        str(tmp / "test"),
-        "--trainer.default_root_dir",
-        str(tmp / "test"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.synthetic_samples",
-        "128",
-        "--model.eval_pgd_steps",
-        "7",
-        "--model.aa_images",
-        "3",
+    run_test_subcommand(
+        "finetune.yaml", ft, tmp / "test", "--model.eval_pgd_steps", "7", "--model.aa_images", "3"
     )
     record = json.loads(ft.with_suffix(".eval.json").read_text())
     assert record["pgd_steps"] == 7 and record["n_aa_images"] == 3
@@ -199,26 +187,8 @@ def test_mask_robust_accuracy_is_s2ap_test_on_the_search_checkpoint(chained):
     from s2ap_lightning.export import pruned_state_dict
 
     tmp, _, prune, _ = chained
-    cli(
-        "test",
-        "--config",
-        str(CONFIGS / "stages" / "s2ap.yaml"),
-        "--config",
-        str(CONFIGS / "data" / "synthetic.yaml"),
-        "--ckpt_path",
-        str(prune),
-        "--checkpoint.dirpath",
-        str(tmp / "masktest"),
-        "--trainer.default_root_dir",
-        str(tmp / "masktest"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.synthetic_samples",
-        "128",
-        "--model.sparsity",
-        "0.8",
-        "--model.aa_images",
-        "0",
+    run_test_subcommand(
+        "s2ap.yaml", prune, tmp / "masktest", "--model.sparsity", "0.8", "--model.aa_images", "0"
     )
     record = json.loads(prune.with_suffix(".eval.json").read_text())
     assert record["stage"] == "ScoreSpaceSAMPruner"

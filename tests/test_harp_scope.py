@@ -14,16 +14,19 @@ from s2ap_lightning.pruning.scores import HarpScoreSet, ScoreSet, masked_forward
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 
-def test_harp_rate_gradient_is_sum_of_score_gradients():
+@pytest.mark.parametrize("rate_grad", ["sum", "mean"])
+def test_harp_rate_gradient_is_sum_of_score_gradients(rate_grad):
     torch.manual_seed(0)
     model = build_model("small_cnn", 4, 3)
-    harp = HarpScoreSet(model, 0.8)
+    harp = HarpScoreSet(model, 0.8, rate_grad=rate_grad)
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))
     masks = harp.masks()
     F.cross_entropy(masked_forward(model, harp.effective_weights(model, masks), x), y).backward()
     for name, score in harp.items():
         rate = harp.rates[name.replace(".", "__")]
-        torch.testing.assert_close(rate.grad, score.grad.sum(), rtol=1e-5, atol=1e-8)
+        expected = score.grad.sum() if rate_grad == "sum" else score.grad.mean()
+        torch.testing.assert_close(rate.grad, expected, rtol=1e-5, atol=1e-9)
+
     # Values are untouched by the rate term: still exactly w * M.
     params = dict(model.named_parameters())
     for name, w in harp.effective_weights(model, masks).items():
@@ -116,7 +119,6 @@ def test_harp_meets_density_target(fast_kwargs, synthetic_dm, trainer_factory):
     # The size loss is a hinge on the density budget: the search must not keep more than the target
     # (+0.5 points); it may compress further when the robust loss lets the rates fall.
     assert density <= 0.2 + 0.005, density
-    assert bool(pruner.size_weight_frozen), "the size-loss weight froze once the target was met"
 
     counts = pruner.scores.kept_counts()
     assert (

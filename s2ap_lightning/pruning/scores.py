@@ -170,12 +170,18 @@ class HarpScoreSet(ScoreSet):
 
     ``k_l = k_min + (1 - k_min) * sigmoid(r_l)`` with ``k_min = 0.1 * k_target``; the rates start where
     every layer keeps the target fraction. The rate's gradient is the sum of that layer's score
-    gradients: the straight-through factor carries a ``sign(s) * (r - r.detach())`` term whose value is
-    exactly zero.
+    gradients (``rate_grad="sum"``, the method reference) or their mean (``"mean"``): the
+    straight-through factor carries a ``sign(s) * (r - r.detach())`` term whose value is exactly zero.
+    With the sum, a layer of 70k weights moves its rate by 70k score gradients at the scores'
+    learning rate, which saturates the sigmoids on the small models we could test; the mean keeps the
+    rate steps comparable across layer sizes.
     """
 
-    def __init__(self, model: nn.Module, sparsity: float, **kwargs: object) -> None:
+    def __init__(self, model: nn.Module, sparsity: float, rate_grad: str = "sum", **kwargs: object) -> None:
         super().__init__(model, sparsity, **kwargs)
+        if rate_grad not in ("sum", "mean"):
+            raise ValueError(f"rate_grad={rate_grad!r} is unknown; valid: sum, mean")
+        self.rate_grad = rate_grad
         self.target = 1.0 - sparsity
         self.k_min = 0.1 * self.target
         start = (self.target - self.k_min) / (1.0 - self.k_min)
@@ -196,7 +202,10 @@ class HarpScoreSet(ScoreSet):
             params = dict(model.named_parameters())
             for name, score in self.items():
                 rate = self.rates[_key(name)]
-                out[name] = out[name] + params[name].detach() * score.detach().sign() * (rate - rate.detach())
+                scale = 1.0 if self.rate_grad == "sum" else 1.0 / score.numel()
+                out[name] = (
+                    out[name] + params[name].detach() * score.detach().sign() * (rate - rate.detach()) * scale
+                )
         return out
 
     def expected_density(self) -> Tensor:

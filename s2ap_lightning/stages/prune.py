@@ -44,8 +44,11 @@ class ScoreSpaceSAMPruner(RobustTask):
             direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
         base_method: ``hydra`` (per-layer rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate
             per layer, pushed to the overall target by a size loss). S2AP perturbs the scores only.
-        size_loss_weight: HARP's size-loss weight in the first epoch; it grows linearly per epoch
-            until the density target is met, then stays.
+        size_loss_weight: HARP's size-loss weight in the first epoch.
+        size_loss_growth: factor by which that weight grows after every epoch that ends above the
+            density target; once the target is met the weight stays where it is.
+        rate_grad: HARP's rate gradient: ``sum`` of the layer's score gradients (the method reference)
+            or their ``mean`` (steadier rates; see :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`).
         scope: ``layer`` (the paper's per-layer top-k) or ``global`` (one threshold across layers).
         min_layer_keep: with ``scope: global``, the fraction of every layer always kept.
 
@@ -64,6 +67,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         ascent_sync: bool = False,
         base_method: str = "hydra",
         size_loss_weight: float = 1.0,
+        size_loss_growth: float = 2.0,
+        rate_grad: str = "sum",
         scope: str = "layer",
         min_layer_keep: float = 0.0,
         lr: float = 0.1,
@@ -74,6 +79,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         # HARP's size-loss weight grows per epoch until the density target is met, then stays.
         self.register_buffer("size_weight", torch.tensor(float(size_loss_weight)))
         self.register_buffer("size_weight_frozen", torch.tensor(False))
+        self.register_buffer("size_above_target", torch.tensor(False))
+
         self._eval_weights: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- configuration
@@ -84,6 +91,10 @@ class ScoreSpaceSAMPruner(RobustTask):
         check_range("gamma", hp.gamma, 0.0, None)
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
         check_range("size_loss_weight", hp.size_loss_weight, 0.0, None)
+        check_range("size_loss_growth", hp.size_loss_growth, 1.0, None)
+        if hp.rate_grad not in ("sum", "mean"):
+            raise ValueError(f"rate_grad={hp.rate_grad!r} is unknown; valid: sum, mean")
+
         if hp.base_method not in ("hydra", "harp"):
             raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: hydra, harp")
         if hp.scope not in ("layer", "global"):
@@ -103,7 +114,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         """The score container of the base method (HARP adds learnt per-layer rates)."""
         hp = self.hparams
         if hp.base_method == "harp":
-            return HarpScoreSet(self.model, hp.sparsity)
+            return HarpScoreSet(self.model, hp.sparsity, rate_grad=hp.rate_grad)
         return ScoreSet(self.model, hp.sparsity, scope=hp.scope, min_layer_keep=hp.min_layer_keep)
 
     def setup(self, stage: str) -> None:
@@ -250,10 +261,12 @@ class ScoreSpaceSAMPruner(RobustTask):
 
         self.log("prune/density", density)
         if isinstance(self.scores, HarpScoreSet) and not bool(self.size_weight_frozen):
-            if density <= self.scores.target:
+            # The rates start at the target, so "met" means: back at or under it after exceeding it.
+            if density > self.scores.target + 1e-9:
+                self.size_weight.mul_(self.hparams.size_loss_growth)
+                self.size_above_target.fill_(True)
+            elif bool(self.size_above_target):
                 self.size_weight_frozen.fill_(True)
-            else:
-                self.size_weight.fill_(self.hparams.size_loss_weight * (self.current_epoch + 2))
         super().on_train_epoch_end()
 
 

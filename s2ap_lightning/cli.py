@@ -54,6 +54,11 @@ class S2APCLI(LightningCLI):
         # LightningCLI replaces the model's arguments with the checkpoint's hyper-parameters when
         # `--ckpt_path` is given, which would silently drop `--model.aa_images 10000` and the like.
         subcommand = self.config.get("subcommand")
+        path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry"):
+            # Lightning reads this file here, before anything else: fail in seconds, naming the file,
+            # on a missing, truncated or code-needing checkpoint instead of a bare torch error.
+            load_file(path)
         keep = {}
         if subcommand in ("test", "validate"):
             for key in self.EVAL_KEYS:
@@ -64,16 +69,9 @@ class S2APCLI(LightningCLI):
         for key, value in keep.items():
             self.config[f"{subcommand}.model.init_args.{key}"] = value
 
-    def _validate_ckpt_path(self) -> None:
-
-        # Fail in seconds, naming the file, rather than deep inside Lightning's restore.
-        path = self.config[self.subcommand].get("ckpt_path")
-        if path and path not in ("last", "best", "hpc", "registry"):
-            load_file(path)
-
     def _preflight(self) -> None:
         self.model.preflight(self.trainer, self.subcommand)
-        self._validate_ckpt_path()
+
 
     before_fit = before_validate = before_test = _preflight
 

@@ -182,3 +182,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     assert last["global_step"] == failed_step, "the last checkpoint is the last good step"
     assert all(torch.isfinite(p).all() for p in module.parameters()), "the bad step was not applied"
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_damaged_ckpt_path_is_named_before_lightning_reads_it(tmp_path, guarded_dir):
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=rf"{damaged}.*truncated or corrupted"):
+        prune_cli(guarded_dir, "--ckpt_path", str(damaged))
+    assert (guarded_dir / "last.ckpt").read_bytes() == b"previous checkpoint"

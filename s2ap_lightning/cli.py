@@ -72,7 +72,6 @@ class S2APCLI(LightningCLI):
     def _preflight(self) -> None:
         self.model.preflight(self.trainer, self.subcommand)
 
-
     before_fit = before_validate = before_test = _preflight
 
     def _prepare_subcommand_parser(

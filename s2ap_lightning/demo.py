@@ -41,6 +41,8 @@ COLUMNS = [
     "n_aa",
     "mask_pgd_acc",
     "mask_hamming_last_epoch",
+    "lambda_max",
+    "sharpness",
     "global_sparsity",
 ]
 
@@ -200,7 +202,8 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+
         writer.writeheader()
         writer.writerows(rows)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from s2ap_lightning.checkpoint import (
     stored_masks,
 )
 from s2ap_lightning.models import build_model
-from s2ap_lightning.pruning.scores import prunable_weight_names
+from s2ap_lightning.pruning.scores import prunable_state_weights, prunable_weight_names
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
@@ -48,12 +49,20 @@ def pruned_state_dict(checkpoint: dict) -> tuple[nn.Module, dict[str, Tensor]]:
     return model, model.state_dict()
 
 
-def sparsity_table(model: nn.Module) -> tuple[list[tuple[str, int, int, float]], float]:
-    """Per prunable layer ``(name, kept, total, sparsity)`` and the global sparsity."""
-    params = dict(model.named_parameters())
+def sparsity_table(
+    model_or_state: nn.Module | Mapping[str, Tensor],
+) -> tuple[list[tuple[str, int, int, float]], float]:
+    """Per prunable layer ``(name, kept, total, sparsity)`` and the global sparsity.
+
+    Takes the model, or a plain state dict (an exported file) whose prunable weights are found by shape.
+    """
+    if isinstance(model_or_state, nn.Module):
+        params = dict(model_or_state.named_parameters())
+        weights = {n: params[n] for n in prunable_weight_names(model_or_state)}
+    else:
+        weights = prunable_state_weights(model_or_state)
     rows = []
-    for name in prunable_weight_names(model):
-        w = params[name]
+    for name, w in weights.items():
         kept = int((w != 0).sum())
         rows.append((name, kept, w.numel(), 1.0 - kept / w.numel()))
     total = sum(r[2] for r in rows)

@@ -169,12 +169,8 @@ def write_report(runs: Path) -> Path:
         path = runs / f"{r['method']}_sp{r['sparsity']:g}" / "pruned_model.pt"
         if path.exists():
             from s2ap_lightning.checkpoint import load_file
-            from s2ap_lightning.models import build_model
 
-            state = load_file(path)
-            model = build_model(*_arch_of(state))
-            model.load_state_dict(state)
-            layer_tables[f"{r['method']} {r['sparsity']:g}"] = sparsity_table(model)[0]
+            layer_tables[f"{r['method']} {r['sparsity']:g}"] = sparsity_table(load_file(path))[0]
     if layer_tables:
         fig, ax = subplots(figsize=(6, 3.5))
         for label, table in layer_tables.items():
@@ -231,14 +227,3 @@ def write_report(runs: Path) -> Path:
     out = runs / "report.md"
     out.write_text("\n".join(lines))
     return out
-
-
-def _arch_of(state: dict) -> tuple[str, int, int]:
-    """Recognise the architecture of an exported state dict (name, classes, input channels)."""
-    if "linear.weight" in state:
-        return "resnet18", state["linear.weight"].shape[0], state["conv1.weight"].shape[1]
-    if "classifier.4.weight" in state:
-        return "vgg16_bn", state["classifier.4.weight"].shape[0], state["features.0.weight"].shape[1]
-    if "fc.weight" in state:
-        return "wrn28_4", state["fc.weight"].shape[0], state["conv1.weight"].shape[1]
-    return "small_cnn", state["classifier.weight"].shape[0], state["features.0.weight"].shape[1]

@@ -86,8 +86,9 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
     if masks is not None:
         return masks
     # An exported plain state dict: the mask is where the prunable weights are non-zero.
-    weights = {k: v for k, v in obj.items() if k.endswith(".weight") and v.dim() in (2, 4)}
-    return {k: (v != 0).float() for k, v in weights.items()}
+    from s2ap_lightning.pruning.scores import prunable_state_weights
+
+    return {k: (v != 0).float() for k, v in prunable_state_weights(obj).items()}
 
 
 class MaskStabilityCallback(L.Callback):

@@ -1,7 +1,6 @@
 """Importance scores, top-k masks and the score-space perturbation."""
 
 from s2ap_lightning.pruning.masks import (
-    hamming_distance,
     kept_count,
     scaled_score_init,
     straight_through,
@@ -13,7 +12,6 @@ from s2ap_lightning.pruning.scores import ScoreSet, masked_forward, prunable_wei
 __all__ = [
     "ScoreSet",
     "frozen_bn_statistics",
-    "hamming_distance",
     "kept_count",
     "masked_forward",
     "prunable_weight_names",

@@ -59,11 +59,6 @@ def scaled_score_init(weight: Tensor) -> Tensor:
     return (6.0 / fan_in) ** 0.5 * weight.detach() / peak
 
 
-def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Number of positions where two binary masks differ."""
-    return (a.bool() != b.bool()).sum()
-
-
 def topk_masks(scores: Sequence[Tensor], counts: Sequence[int]) -> list[Tensor]:
     """Per-tensor top-k masks of ``|s|`` for many tensors at once (two sorts instead of one top-k each).
 

@@ -35,6 +35,15 @@ def prunable_weight_names(model: nn.Module) -> list[str]:
     return names
 
 
+def prunable_state_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The prunable weights of a plain state dict (no model at hand): ``Conv2d`` and ``Linear`` weights.
+
+    Recognised by shape, as every exported model is a plain state dict: 4-D or 2-D ``*.weight``
+    tensors (BatchNorm and LayerNorm weights are 1-D; a ViT's position embedding is not a ``weight``).
+    """
+    return {k: v for k, v in state.items() if k.endswith(".weight") and v.dim() in (2, 4)}
+
+
 def _key(name: str) -> str:
     """ParameterDict keys may not contain dots."""
     return name.replace(".", "__")

@@ -172,12 +172,15 @@ class ScoreSpaceSAMPruner(RobustTask):
     def weights_for_eval(self) -> Mapping[str, Tensor]:
         if self._eval_weights is None:
             with torch.inference_mode(False), torch.no_grad():
-                masks = self.scores.masks()
-                self._eval_weights = self.scores.effective_weights(self.model, masks, False)
+                self._eval_weights = self._frozen(self.scores.masks())
+
         return self._eval_weights
 
-    def _adversarial(self, masks: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        weights = self.scores.effective_weights(self.model, masks, differentiable=False)
+    def _frozen(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``w * M`` without a graph to the scores: what attacks and accuracy forwards use."""
+        return self.scores.effective_weights(self.model, masks, differentiable=False)
+
+    def _adversarial(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.robust_loss.adversarial(
             lambda inp: masked_forward(self.model, weights, inp), x, y, self.train_attack, self.model
         )
@@ -208,7 +211,8 @@ class ScoreSpaceSAMPruner(RobustTask):
                 if isinstance(m, _BN):
                     m.eval()
         masks = self.scores.masks()
-        x_adv = self._adversarial(masks, x, y)
+        at_s = self._frozen(masks)  # once per step: the attack and the clean-accuracy forward share it
+        x_adv = self._adversarial(at_s, x, y)
         opt.zero_grad()
         if not self.s2ap_active():
             out = self._loss(masks, x, x_adv, y)
@@ -224,7 +228,9 @@ class ScoreSpaceSAMPruner(RobustTask):
             add_(scores, z)
             opt.zero_grad()
             perturbed = self.scores.masks()
-            x_adv2 = x_adv if self.hparams.reuse_adversarial else self._adversarial(perturbed, x, y)
+            x_adv2 = (
+                x_adv if self.hparams.reuse_adversarial else self._adversarial(self._frozen(perturbed), x, y)
+            )
             with frozen_bn_statistics(self.model):
                 out = self._loss(perturbed, x, x_adv2, y)
                 self.manual_backward(out.loss)
@@ -232,11 +238,7 @@ class ScoreSpaceSAMPruner(RobustTask):
                 torch._foreach_copy_(list(scores.values()), [original[n] for n in scores])
             self.log("train/loss_pass1", first.loss.detach())
         # Raises on a non-finite loss, before the step. Clean logits under this step's mask.
-        self.log_training(
-            out,
-            y,
-            lambda: masked_forward(self.model, self.scores.effective_weights(self.model, masks, False), x),
-        )
+        self.log_training(out, y, lambda: masked_forward(self.model, at_s, x))
 
         opt.step()
         self._eval_weights = None
@@ -256,7 +258,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         with torch.no_grad():
             masks = self.scores.masks()
             # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
-            self._eval_weights = self.scores.effective_weights(self.model, masks, differentiable=False)
+            self._eval_weights = self._frozen(masks)
         density = self.scores.density(masks)
 
         self.log("prune/density", density)

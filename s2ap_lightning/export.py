@@ -49,6 +49,15 @@ def pruned_state_dict(checkpoint: dict) -> tuple[nn.Module, dict[str, Tensor]]:
     return model, model.state_dict()
 
 
+def plain_model(checkpoint: dict) -> nn.Module:
+    """The network a stage checkpoint evaluates: ``w * M`` for mask search and finetuning, else dense."""
+    if stored_masks(checkpoint) is not None:
+        return pruned_state_dict(checkpoint)[0]
+    model = model_from_checkpoint(checkpoint)
+    model.load_state_dict(model_state_dict(checkpoint), strict=True)
+    return model
+
+
 def sparsity_table(
     model_or_state: nn.Module | Mapping[str, Tensor],
 ) -> tuple[list[tuple[str, int, int, float]], float]:

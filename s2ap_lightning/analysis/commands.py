@@ -147,7 +147,7 @@ def security_command(argv: list[str]) -> int:
     import numpy as np
 
     from s2ap_lightning.analysis.security import security_curve
-    from s2ap_lightning.export import pruned_state_dict
+    from s2ap_lightning.export import plain_model
 
     parser = argparse.ArgumentParser(
         prog="s2ap security",
@@ -161,15 +161,7 @@ def security_command(argv: list[str]) -> int:
     _data_args(parser, images=500)
     args = parser.parse_args(argv)
     checkpoint = load_file(args.checkpoint)
-    if "masks" in checkpoint:
-        model, _ = pruned_state_dict(checkpoint)
-    else:
-        from s2ap_lightning.checkpoint import model_state_dict
-        from s2ap_lightning.export import model_from_checkpoint
-
-        model = model_from_checkpoint(checkpoint)
-        model.load_state_dict(model_state_dict(checkpoint))
-    model.eval()
+    model = plain_model(checkpoint).eval()
     x, y = _fixed_subset(checkpoint, args)
     max_eps = args.max_eps or 2 * checkpoint["hyper_parameters"].get("eps", 8 / 255)
     curve = security_curve(model, x, y, np.linspace(0, max_eps, 41), args.norm, args.steps)

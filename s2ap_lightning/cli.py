@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
-from s2ap_lightning.stages.callbacks import BEST, LAST
+from s2ap_lightning.stages.callbacks import BEST, LAST, BestCheckpoint
 
 
 class S2APCLI(LightningCLI):
@@ -32,7 +32,7 @@ class S2APCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
         # best.ckpt by validation robust accuracy, and last.ckpt for `--ckpt_path` resume.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in BEST.items()})
         parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})

@@ -201,3 +201,34 @@ def test_mask_robust_accuracy_is_s2ap_test_on_the_search_checkpoint(chained):
     with torch.no_grad():
         clean = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert record["clean_acc"] == pytest.approx(clean, abs=1e-6)
+
+
+def test_cli_best_checkpoint_skips_over_budget_epochs(tmp_path):
+    """The CLI's best.ckpt callback is the budget-aware one: a HARP epoch outside its density band is
+    never saved as "best", whatever its robust accuracy."""
+    from s2ap_lightning.cli import run_cli
+    from s2ap_lightning.stages.callbacks import BestCheckpoint
+
+    cli_ = run_cli(
+        [
+            "--config", str(CONFIGS / "stages" / "s2ap.yaml"),
+            "--config", str(CONFIGS / "data" / "synthetic.yaml"),
+            "--model.base_method", "harp",
+            "--checkpoint.dirpath", str(tmp_path),
+            "--trainer.logger", "false",
+        ],
+        run=False,
+    )  # fmt: skip
+    (best,) = [c for c in cli_.trainer.callbacks if isinstance(c, BestCheckpoint)]
+    assert best.monitor == "val/robust_acc" and best.dirpath == str(tmp_path)
+    pruner = cli_.model
+    with torch.no_grad():
+        for rate in pruner.scores.rates.values():
+            rate.fill_(3.0)  # every layer far over the target density
+    assert not pruner.within_budget()
+    assert not best._eligible(pruner)
+    pruner.scores.rates.requires_grad_(False)
+    with torch.no_grad():
+        for rate in pruner.scores.rates.values():
+            rate.fill_(float(torch.logit(torch.tensor((0.1 - 0.01) / 0.99))))  # back at the target
+    assert pruner.within_budget() and best._eligible(pruner)

@@ -57,6 +57,12 @@ BAD = [
     (["--model.sparsity", "0"], r"sparsity=0.0 is out of range"),
     (["--model.sparsity", "-0.2"], r"sparsity=-0.2 is out of range"),
     (["--model.gamma", "-0.1"], r"gamma=-0.1 is out of range: valid range is \[0.0, inf\)"),
+    (["--model.rate_bound", "0"], r"rate_bound=0.0 is out of range: valid range is \(0.0, inf\)"),
+    (
+        ["--model.density_tolerance", "2"],
+        r"density_tolerance=2.0 is out of range: valid range is \[0.0, 1.0\]",
+    ),
+    (["--model.size_loss_weight", "-1"], r"size_loss_weight=-1.0 is out of range"),
     (["--model.eps", "-0.01"], r"eps=-0.01 is out of range"),
     (["--model.step_size", "-1"], r"step_size=-1.0 is out of range"),
     (["--model.attack_steps", "0"], r"attack_steps=0 is out of range: valid range is \[1, inf\)"),

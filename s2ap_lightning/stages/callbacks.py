@@ -7,6 +7,7 @@ would resume from a stale "last" checkpoint.
 
 from __future__ import annotations
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 BEST = dict(
@@ -20,11 +21,33 @@ BEST = dict(
 LAST = dict(filename="last", monitor=None, save_top_k=1, save_last=False, enable_version_counter=False)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that only considers models within their stage's budget.
+
+    A stage that can be over budget (HARP's learnt density) says so through ``within_budget()``; an
+    over-budget epoch is neither saved nor compared, as in HARP's own model selection, so the best
+    checkpoint never holds a larger mask than asked for. Stages without that method are always in.
+    """
+
+    @staticmethod
+    def _eligible(pl_module: L.LightningModule) -> bool:
+        check = getattr(pl_module, "within_budget", None)
+        return check is None or bool(check())
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._eligible(pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._eligible(pl_module):
+            super().on_validation_end(trainer, pl_module)
+
+
 def checkpoint_callbacks(
     dirpath: str | None = None, every_n_train_steps: int | None = None
 ) -> list[ModelCheckpoint]:
     """``best.ckpt`` (validation robust accuracy, never test) and ``last.ckpt`` (for resume)."""
     return [
-        ModelCheckpoint(dirpath=dirpath, **BEST),
+        BestCheckpoint(dirpath=dirpath, **BEST),
         ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every_n_train_steps, **LAST),
     ]

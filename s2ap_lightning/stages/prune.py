@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from s2ap_lightning.attacks.losses import LossOutput
@@ -44,11 +45,16 @@ class ScoreSpaceSAMPruner(RobustTask):
             direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
         base_method: ``hydra`` (per-layer rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate
             per layer, pushed to the overall target by a size loss). S2AP perturbs the scores only.
-        size_loss_weight: HARP's size-loss weight in the first epoch.
-        size_loss_growth: factor by which that weight grows after every epoch that ends above the
-            density target; once the target is met the weight stays where it is.
-        rate_grad: HARP's rate gradient: ``sum`` of the layer's score gradients (the method reference)
-            or their ``mean`` (steadier rates; see :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`).
+        size_loss_weight: HARP's size-loss weight per epoch: ``size_loss_weight * (epoch + 1)`` in
+            epoch ``epoch`` (from 0), HARP's step-wise incremental weight, until the density target is
+            met; from then on it stays. HARP's own runs use 0.01 (CIFAR-10) and 0.1 (ImageNet) with
+            their models; 1.0 is the default of HARP's code.
+        rate_bound: HARP's rates are clamped to ``[-rate_bound, rate_bound]`` after every step so a
+            layer's sigmoid cannot saturate out of the size loss's reach (``None``: no clamp; see
+            :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`).
+        density_tolerance: HARP's best checkpoint is chosen among the epochs whose density lies in
+            ``[target - density_tolerance, target]``: never over the budget (as HARP selects), and not
+            so far under it that the row compares a different sparsity.
         scope: ``layer`` (the paper's per-layer top-k) or ``global`` (one threshold across layers).
         min_layer_keep: with ``scope: global``, the fraction of every layer always kept.
 
@@ -67,8 +73,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         ascent_sync: bool = False,
         base_method: str = "hydra",
         size_loss_weight: float = 1.0,
-        size_loss_growth: float = 2.0,
-        rate_grad: str = "sum",
+        rate_bound: float | None = 6.0,
+        density_tolerance: float = 0.005,
         scope: str = "layer",
         min_layer_keep: float = 0.0,
         lr: float = 0.1,
@@ -76,10 +82,12 @@ class ScoreSpaceSAMPruner(RobustTask):
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
-        # HARP's size-loss weight grows per epoch until the density target is met, then stays.
+        # HARP's size-loss weight grows per epoch until the density target is met, then stays; the
+        # buffers go into checkpoints so a resumed search continues the same schedule.
         self.register_buffer("size_weight", torch.tensor(float(size_loss_weight)))
         self.register_buffer("size_weight_frozen", torch.tensor(False))
         self.register_buffer("size_above_target", torch.tensor(False))
+        self.register_buffer("budget_met", torch.tensor(False))
 
         self._eval_weights: dict[str, Tensor] | None = None
 
@@ -91,9 +99,9 @@ class ScoreSpaceSAMPruner(RobustTask):
         check_range("gamma", hp.gamma, 0.0, None)
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
         check_range("size_loss_weight", hp.size_loss_weight, 0.0, None)
-        check_range("size_loss_growth", hp.size_loss_growth, 1.0, None)
-        if hp.rate_grad not in ("sum", "mean"):
-            raise ValueError(f"rate_grad={hp.rate_grad!r} is unknown; valid: sum, mean")
+        if hp.rate_bound is not None:
+            check_range("rate_bound", hp.rate_bound, 0.0, None, low_open=True)
+        check_range("density_tolerance", hp.density_tolerance, 0.0, 1.0)
 
         if hp.base_method not in ("hydra", "harp"):
             raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: hydra, harp")
@@ -114,7 +122,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         """The score container of the base method (HARP adds learnt per-layer rates)."""
         hp = self.hparams
         if hp.base_method == "harp":
-            return HarpScoreSet(self.model, hp.sparsity, rate_grad=hp.rate_grad)
+            return HarpScoreSet(self.model, hp.sparsity, rate_bound=hp.rate_bound)
         return ScoreSet(self.model, hp.sparsity, scope=hp.scope, min_layer_keep=hp.min_layer_keep)
 
     def setup(self, stage: str) -> None:
@@ -241,6 +249,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         self.log_training(out, y, lambda: masked_forward(self.model, at_s, x))
 
         opt.step()
+        if isinstance(self.scores, HarpScoreSet):
+            self.scores.clamp_rates_()
         self._eval_weights = None
 
         return out.loss.detach()
@@ -262,14 +272,63 @@ class ScoreSpaceSAMPruner(RobustTask):
         density = self.scores.density(masks)
 
         self.log("prune/density", density)
-        if isinstance(self.scores, HarpScoreSet) and not bool(self.size_weight_frozen):
-            # The rates start at the target, so "met" means: back at or under it after exceeding it.
-            if density > self.scores.target + 1e-9:
-                self.size_weight.mul_(self.hparams.size_loss_growth)
-                self.size_above_target.fill_(True)
-            elif bool(self.size_above_target):
-                self.size_weight_frozen.fill_(True)
+        if isinstance(self.scores, HarpScoreSet):
+            self.update_size_weight(density, self.current_epoch)
+            self.log("prune/size_weight", self.size_weight)
+            if self._in_band(density):
+                self.budget_met.fill_(True)
         super().on_train_epoch_end()
+
+    def on_train_end(self) -> None:
+        if isinstance(self.scores, HarpScoreSet) and not bool(self.budget_met):
+            target, tol = self.scores.target, self.hparams.density_tolerance
+            rank_zero_warn(
+                f"HARP's density never ended an epoch in [{target - tol:g}, {target:g}] (now "
+                f"{self.scores.density(self.scores.masks()):.4f}): best.ckpt only takes epochs within "
+                "that band, so none was written. Raise size_loss_weight or search for more epochs."
+            )
+
+    def update_size_weight(self, density: float, epoch: int) -> None:
+        """HARP's schedule after epoch ``epoch``: grow the weight linearly until the target is met.
+
+        The rates start at the target, so "met" means back at or under it after having exceeded it
+        (the robust loss first pulls the rates up); HARP's runs start above the target, where the two
+        readings agree.
+        """
+        if bool(self.size_weight_frozen):
+            return
+        if self._over_budget(density):
+            self.size_above_target.fill_(True)
+
+        elif bool(self.size_above_target):
+            self.size_weight_frozen.fill_(True)
+            return
+        self.size_weight.fill_(self.hparams.size_loss_weight * (epoch + 2))
+
+    def within_budget(self) -> bool:
+        """Whether the current mask's density is in ``[target - density_tolerance, target]``.
+
+        Always true for HYDRA, whose per-layer counts are exact. HARP's model selection only
+        considers epochs within the budget, so ``best.ckpt`` never holds a larger mask than asked for
+        (see :class:`~s2ap_lightning.stages.callbacks.BestCheckpoint`).
+        """
+        if not isinstance(self.scores, HarpScoreSet):
+            return True
+        with torch.no_grad():
+            density = self.scores.density(self.scores.masks())
+        return self._in_band(density)
+
+    def _over_budget(self, density: float) -> bool:
+        # Per-layer counts are rounded (as HYDRA's are), which can add up to half a weight per layer.
+        scores = self.scores
+        rounding = 0.5 * len(scores.names) / sum(s.numel() for _, s in scores.items())
+        return density > scores.target + rounding + 1e-12
+
+    def _in_band(self, density: float) -> bool:
+        return (
+            not self._over_budget(density)
+            and density >= self.scores.target - self.hparams.density_tolerance - 1e-9
+        )
 
 
 class HydraPruner(ScoreSpaceSAMPruner):

@@ -18,11 +18,14 @@ from s2ap_lightning.stages import RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
 
 
-def test_harp_rate_gradient_is_sum_of_mask_gradients():
-    """HARP's straight-through estimator hands each rate the sum of ``dL/dM = w * dL/dw_eff``."""
+@pytest.mark.parametrize("rate_grad", ["logit", "keep"])
+def test_harp_rate_gradient_is_sum_of_mask_gradients(rate_grad):
+    """The straight-through estimator hands the rate the sum of ``dL/dM = w * dL/dw_eff``: as the
+    logit's own gradient (``logit``), or as the keep fraction's, which autograd carries on to the
+    logit through ``k = k_min + (1 - k_min) * sigmoid(r)`` (``keep``, HARP's code)."""
     torch.manual_seed(0)
     model = build_model("small_cnn", 4, 3)
-    harp = HarpScoreSet(model, 0.8)
+    harp = HarpScoreSet(model, 0.8, rate_grad=rate_grad)
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))
     masks = harp.masks()
     weights = harp.effective_weights(model, masks)
@@ -32,13 +35,14 @@ def test_harp_rate_gradient_is_sum_of_mask_gradients():
     params = dict(model.named_parameters())
     for name, score in harp.items():
         rate = harp.rates[name.replace(".", "__")]
-        by_hand = (params[name].detach() * weights[name].grad).sum()
+        sig = torch.sigmoid(rate.detach())
+        dk_dr = (1 - harp.k_min) * sig * (1 - sig) if rate_grad == "keep" else 1.0
+        by_hand = (params[name].detach() * weights[name].grad).sum() * dk_dr
         torch.testing.assert_close(rate.grad, by_hand, rtol=1e-5, atol=1e-9)
-        # The same thing read from the scores: their gradient without the sign of |s|.
-        torch.testing.assert_close(
-            rate.grad, (score.grad * score.detach().sign()).sum(), rtol=1e-5, atol=1e-9
-        )
-        assert not torch.allclose(rate.grad, score.grad.sum()), "the sign(s)-weighted sum is another quantity"
+        # The same sum read from the scores: their gradient without the sign of |s|.
+        from_scores = (score.grad * score.detach().sign()).sum() * dk_dr
+        torch.testing.assert_close(rate.grad, from_scores, rtol=1e-5, atol=1e-9)
+        assert not torch.allclose(rate.grad, score.grad.sum() * dk_dr), "a sign(s)-weighted sum differs"
 
     # Values are untouched by the rate term: still exactly w * M.
     for name, w in harp.effective_weights(model, masks).items():
@@ -56,6 +60,8 @@ def test_harp_rates_are_clamped_only_when_bounded():
         assert all(float(r) == expected for r in harp.rates.values())
     with pytest.raises(ValueError, match="rate_bound=0.0 is out of range"):
         HarpScoreSet(model, 0.9, rate_bound=0.0)
+    with pytest.raises(ValueError, match="rate_grad='mean' is unknown; valid: logit, keep"):
+        HarpScoreSet(model, 0.9, rate_grad="mean")
 
 
 def test_harp_keep_rates_start_at_target_and_respect_minimum():

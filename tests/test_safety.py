@@ -63,6 +63,7 @@ BAD = [
         r"density_tolerance=2.0 is out of range: valid range is \[0.0, 1.0\]",
     ),
     (["--model.size_loss_weight", "-1"], r"size_loss_weight=-1.0 is out of range"),
+    (["--model.rate_grad", "sum"], r"rate_grad='sum' is unknown; valid: logit, keep"),
     (["--model.eps", "-0.01"], r"eps=-0.01 is out of range"),
     (["--model.step_size", "-1"], r"step_size=-1.0 is out of range"),
     (["--model.attack_steps", "0"], r"attack_steps=0 is out of range: valid range is \[1, inf\)"),

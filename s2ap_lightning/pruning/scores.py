@@ -174,16 +174,33 @@ def masked_forward(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -
     return functional_call(model, dict(weights), (x,), strict=False)
 
 
+#: Which scalar HARP's summed mask gradient is the gradient of (see :class:`HarpScoreSet`).
+RATE_GRADS = ("logit", "keep")
+
+
 class HarpScoreSet(ScoreSet):
     """HARP: scores plus one learnable rate per layer that sets that layer's keep fraction.
 
     ``k_l = k_min + (1 - k_min) * sigmoid(r_l)`` with ``k_min = 0.1 * k_target``; the rates start where
-    every layer keeps the target fraction. The rate's gradient is the sum of that layer's score
+    every layer keeps the target fraction. The rate gradient is the sum of that layer's score
     gradients as the straight-through estimator passes them to the ranked values ``|s|``, i.e. of
     ``dL/dM = w * dL/dw_eff``: the first-order change of the loss when every mask entry of the layer
     grows, which is what raising the keep rate does. (Summing ``dL/ds = sign(s) * dL/dM`` instead
     would weigh each entry by the sign of its score, which says nothing about keeping more weights.)
-    The effective weight carries a ``w * (r - r.detach())`` term whose value is exactly zero.
+
+    Which scalar receives that sum is ``rate_grad``:
+
+    - ``"logit"`` (default; the method reference and the issue: "the rate gradient is the sum"): the
+      learnable scalar ``r_l`` itself, a straight-through step over the sigmoid as well. The size loss
+      still reaches ``r_l`` through the sigmoid, so it pulls hardest where the layer is near its
+      middle rate. On every model tried, the density settles at the target from above.
+    - ``"keep"`` (HARP's code): the keep fraction ``k_l``; autograd carries it through the sigmoid,
+      so both losses act on ``r_l`` scaled by the same slope. On the small CNN of the tests the robust
+      loss's sum often favours fewer weights, the hinge-shaped size loss cannot pull the density back
+      up, and the search ends 0.5 to 2 points under the target.
+
+    The effective weight carries a ``w * (x - x.detach())`` term (``x`` the chosen scalar) whose value
+    is exactly zero.
 
     ``rate_bound`` clamps every rate to ``[-rate_bound, rate_bound]`` after each step (``None``: no
     clamp, as HARP's code). The sum makes one step of a large layer's rate big enough to push the
@@ -194,9 +211,17 @@ class HarpScoreSet(ScoreSet):
     """
 
     def __init__(
-        self, model: nn.Module, sparsity: float, rate_bound: float | None = 6.0, **kwargs: object
+        self,
+        model: nn.Module,
+        sparsity: float,
+        rate_grad: str = "logit",
+        rate_bound: float | None = 6.0,
+        **kwargs: object,
     ) -> None:
         super().__init__(model, sparsity, **kwargs)
+        if rate_grad not in RATE_GRADS:
+            raise ValueError(f"rate_grad={rate_grad!r} is unknown; valid: {', '.join(RATE_GRADS)}")
+        self.rate_grad = rate_grad
         if rate_bound is not None and rate_bound <= 0:
             raise ValueError(f"rate_bound={rate_bound} is out of range: valid are > 0, or None (no clamp)")
         self.rate_bound = rate_bound
@@ -219,8 +244,8 @@ class HarpScoreSet(ScoreSet):
         if differentiable:
             params = dict(model.named_parameters())
             for name in self.names:
-                rate = self.rates[_key(name)]
-                out[name] = out[name] + params[name].detach() * (rate - rate.detach())
+                x = self.rates[_key(name)] if self.rate_grad == "logit" else self.keep_fraction(name)
+                out[name] = out[name] + params[name].detach() * (x - x.detach())
 
         return out
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
-from s2ap_lightning.pruning.scores import HarpScoreSet, ScoreSet, masked_forward
+from s2ap_lightning.pruning.scores import RATE_GRADS, HarpScoreSet, ScoreSet, masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -49,6 +49,9 @@ class ScoreSpaceSAMPruner(RobustTask):
             epoch ``epoch`` (from 0), HARP's step-wise incremental weight, until the density target is
             met; from then on it stays. HARP's own runs use 0.01 (CIFAR-10) and 0.1 (ImageNet) with
             their models; 1.0 is the default of HARP's code.
+        rate_grad: which scalar HARP's summed mask gradient is the gradient of: ``logit`` (the
+            learnable ``r``, the method reference's wording) or ``keep`` (the keep fraction, chained
+            through the sigmoid, as HARP's code); see :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`.
         rate_bound: HARP's rates are clamped to ``[-rate_bound, rate_bound]`` after every step so a
             layer's sigmoid cannot saturate out of the size loss's reach (``None``: no clamp; see
             :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`).
@@ -73,6 +76,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         ascent_sync: bool = False,
         base_method: str = "hydra",
         size_loss_weight: float = 1.0,
+        rate_grad: str = "logit",
         rate_bound: float | None = 6.0,
         density_tolerance: float = 0.005,
         scope: str = "layer",
@@ -102,6 +106,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         if hp.rate_bound is not None:
             check_range("rate_bound", hp.rate_bound, 0.0, None, low_open=True)
         check_range("density_tolerance", hp.density_tolerance, 0.0, 1.0)
+        if hp.rate_grad not in RATE_GRADS:
+            raise ValueError(f"rate_grad={hp.rate_grad!r} is unknown; valid: {', '.join(RATE_GRADS)}")
 
         if hp.base_method not in ("hydra", "harp"):
             raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: hydra, harp")
@@ -122,7 +128,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         """The score container of the base method (HARP adds learnt per-layer rates)."""
         hp = self.hparams
         if hp.base_method == "harp":
-            return HarpScoreSet(self.model, hp.sparsity, rate_bound=hp.rate_bound)
+            return HarpScoreSet(self.model, hp.sparsity, rate_grad=hp.rate_grad, rate_bound=hp.rate_bound)
         return ScoreSet(self.model, hp.sparsity, scope=hp.scope, min_layer_keep=hp.min_layer_keep)
 
     def setup(self, stage: str) -> None:

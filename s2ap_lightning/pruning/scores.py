@@ -190,14 +190,16 @@ class HarpScoreSet(ScoreSet):
 
     Which scalar receives that sum is ``rate_grad``:
 
-    - ``"logit"`` (default; the method reference and the issue: "the rate gradient is the sum"): the
-      learnable scalar ``r_l`` itself, a straight-through step over the sigmoid as well. The size loss
-      still reaches ``r_l`` through the sigmoid, so it pulls hardest where the layer is near its
-      middle rate. On every model tried, the density settles at the target from above.
+    - ``"logit"`` (default; the method reference's wording: the learnable scalar ``r_l``'s gradient
+      is the sum): a straight-through step over the sigmoid as well. The size loss still reaches
+      ``r_l`` through the sigmoid, so it pulls hardest where the layer is near its middle rate. On
+      the models tried (a small CNN on digits, ResNet-18 on synthetic data) the density settled
+      within 0.4 points of the target at 0.9, 0.95 and 0.99.
     - ``"keep"`` (HARP's code): the keep fraction ``k_l``; autograd carries it through the sigmoid,
       so both losses act on ``r_l`` scaled by the same slope. On the small CNN of the tests the robust
-      loss's sum often favours fewer weights, the hinge-shaped size loss cannot pull the density back
-      up, and the search ends 0.5 to 2 points under the target.
+      loss's sum often favours fewer weights and the hinge-shaped size loss cannot pull the density
+      back up: at 0.95 with ``size_loss_weight`` 3 the search ended at 3.0 % for a 5 % target.
+
 
     The effective weight carries a ``w * (x - x.detach())`` term (``x`` the chosen scalar) whose value
     is exactly zero.

@@ -290,8 +290,8 @@ class ScoreSpaceSAMPruner(RobustTask):
             target, tol = self.scores.target, self.hparams.density_tolerance
             rank_zero_warn(
                 f"HARP's density never ended an epoch in [{target - tol:g}, {target:g}] (now "
-                f"{self.scores.density(self.scores.masks()):.4f}): best.ckpt only takes epochs within "
-                "that band, so none was written. Raise size_loss_weight or search for more epochs."
+                f"{self.scores.density(self.scores.masks()):.4f}): the best checkpoint only takes epochs "
+                "within that band, so there is none. Raise size_loss_weight or search for more epochs."
             )
 
     def update_size_weight(self, density: float, epoch: int) -> None:
@@ -305,7 +305,6 @@ class ScoreSpaceSAMPruner(RobustTask):
             return
         if self._over_budget(density):
             self.size_above_target.fill_(True)
-
         elif bool(self.size_above_target):
             self.size_weight_frozen.fill_(True)
             return

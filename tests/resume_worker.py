@@ -1,6 +1,7 @@
 """Subprocess for test_resume.py: a mask search that can be SIGKILLed mid-epoch and resumed.
 
-Usage: python resume_worker.py OUT_DIR (full | kill K | resume)
+Usage: python resume_worker.py OUT_DIR (full | kill K | resume); RESUME_BASE_METHOD=harp searches with
+HARP (learnt rates, size-loss schedule) instead of HYDRA.
 """
 
 import os
@@ -41,6 +42,8 @@ def main():
         sparsity=0.8,
         gamma=0.1,
         warmup_epochs=1,
+        base_method=os.environ.get("RESUME_BASE_METHOD", "hydra"),
+        size_loss_weight=5.0,
     )
     callbacks = checkpoint_callbacks(os.path.join(out, "ckpt"), every_n_train_steps=1)
     if phase == "kill":
@@ -63,6 +66,11 @@ def main():
         {
             "masks": masks,
             "scores": {n: s.detach() for n, s in pruner.scores.items()},
+            "state": {
+                k: v
+                for k, v in pruner.state_dict().items()
+                if k.startswith(("size_", "budget_", "scores.rates"))
+            },
             "global_step": trainer.global_step,
         },
         os.path.join(out, f"{phase}.pt"),

@@ -1,22 +1,29 @@
 """A run killed with SIGKILL mid-epoch resumes with `ckpt_path: last` to the same final mask."""
 
+import functools
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-def run(out, *args):
+def _run(out, *args, base_method="hydra"):
+    env = {**os.environ, "RESUME_BASE_METHOD": base_method}
     return subprocess.run(
-        [sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("base_method", ["hydra", "harp"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_method):
+    """HARP adds learnt rates and the size-loss schedule's state, which must survive the kill too."""
+    run = functools.partial(_run, base_method=base_method)
     full = run(tmp_path / "full", "full")
     assert full.returncode == 0, full.stderr[-2000:]
     reference = torch.load(tmp_path / "full" / "full.pt", weights_only=True)
@@ -35,3 +42,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     for name, mask in reference["masks"].items():
         assert torch.equal(result["masks"][name], mask), name
         assert torch.equal(result["scores"][name], reference["scores"][name]), name
+    assert result["state"].keys() == reference["state"].keys()
+    for key, value in reference["state"].items():
+        assert torch.equal(result["state"][key], value), key
+    if base_method == "harp":
+        assert any(k.startswith("scores.rates") for k in reference["state"])

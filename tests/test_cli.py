@@ -227,8 +227,8 @@ def test_cli_best_checkpoint_skips_over_budget_epochs(tmp_path):
             rate.fill_(3.0)  # every layer far over the target density
     assert not pruner.within_budget()
     assert not best._eligible(pruner)
-    pruner.scores.rates.requires_grad_(False)
     with torch.no_grad():
+
         for rate in pruner.scores.rates.values():
             rate.fill_(float(torch.logit(torch.tensor((0.1 - 0.01) / 0.99))))  # back at the target
     assert pruner.within_budget() and best._eligible(pruner)

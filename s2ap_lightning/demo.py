@@ -18,13 +18,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from s2ap_lightning.analysis.evaluation import MaskedModel, evaluate, pgd_accuracy
 from s2ap_lightning.analysis.report import write_report
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_accuracy
 from s2ap_lightning.export import format_sparsity, pruned_state_dict, sparsity_table
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
@@ -39,6 +39,7 @@ COLUMNS = [
     "aa_acc",
     "n_test",
     "n_aa",
+    "checks_passed",
     "mask_pgd_acc",
     "mask_hamming_last_epoch",
     "lambda_max",
@@ -157,18 +158,12 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         atomic_torch_save(state, out / tag / "pruned_model.pt")
         rows_sp, global_sp = sparsity_table(model)
         (out / tag / "sparsity.txt").write_text(format_sparsity(rows_sp, global_sp) + "\n")
-        report = evaluate(
-            model,
-            x_test,
-            y_test,
-            cfg.eps,
-            cfg.step_size,
-            pgd_steps=cfg.pgd_steps,
-            aa_images=cfg.aa_images,
-            seed=cfg.seed,
+        protocol = EvalProtocol(
+            cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps, aa_images=cfg.aa_images, subset_seed=cfg.seed
         )
-        for message in report.aa_warnings:
-            print(f"WARNING (AutoAttack, {tag}): {message}")
+        report = evaluate(model, x_test, y_test, protocol)
+        for failure in report.failures():
+            print(f"EVALUATION CHECK FAILED ({tag}): {failure}")
         rows.append(
             {
                 "method": method,
@@ -180,6 +175,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
                 "aa_acc": report.aa_acc,
                 "n_test": report.n_images,
                 "n_aa": report.n_aa_images,
+                "checks_passed": report.passed,
                 "mask_pgd_acc": mask_pgd,
                 "mask_hamming_last_epoch": stability.history[-1]["hamming"],
                 "lambda_max": sharp.lambda_max,
@@ -193,7 +189,8 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     print(format_table(rows))
     print(
         f"\nPGD-{cfg.pgd_steps} and clean accuracy on all {len(x_test)} test images; AutoAttack "
-        f"standard on the first {min(cfg.aa_images, len(x_test))}. Results: {out / 'results.csv'}; "
+        f"standard on a class-stratified sample of {min(cfg.aa_images, len(x_test))} (seed {cfg.seed}); "
+        f"gradient-masking checks on the same images. Results: {out / 'results.csv'}; "
         f"report with plots: {report}"
     )
 
@@ -211,14 +208,15 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'method':<7} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8} "
-        f"{'lambda_max':>10}"
+        f"{'lambda_max':>10} {'checks':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         aa = "n/a" if r["aa_acc"] is None else f"{r['aa_acc']:.3f}"
         lines.append(
             f"{r['method']:<7} {r['sparsity']:>8g} {r['clean_acc']:>7.3f} {r['pgd_acc']:>7.3f} {aa:>7} "
-            f"{r['mask_pgd_acc']:>9.3f} {r['mask_hamming_last_epoch']:>8.4f} {r['lambda_max']:>10.4g}"
+            f"{r['mask_pgd_acc']:>9.3f} {r['mask_hamming_last_epoch']:>8.4f} {r['lambda_max']:>10.4g} "
+            f"{'ok' if r.get('checks_passed', True) else 'FAILED':>7}"
         )
     return "\n".join(lines)
 

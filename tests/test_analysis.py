@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from s2ap_lightning.analysis.evaluation import gradient_masking_checks
 from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
 from s2ap_lightning.analysis.sharpness import hessian_max_eigenvalue, score_space_sharpness
 from s2ap_lightning.analysis.stability import (
@@ -78,13 +77,6 @@ def test_hamming_metric_and_packing(tmp_path):
     assert all(torch.equal(unpack_masks(pack_masks(a))[k], a[k]) for k in a)
     torch.save({"format": "s2ap-packed-masks", "masks": pack_masks(a)}, tmp_path / "a.pt")
     assert torch.equal(load_masks(tmp_path / "a.pt")["l2"], a["l2"])
-
-
-def test_gradient_masking_checks_flag_violations():
-    ok = gradient_masking_checks(0.9, 0.5, 0.55, 0.9, 0.45, 100)
-    assert all(c["passed"] for c in ok.values())
-    bad = gradient_masking_checks(0.9, 0.95, 0.5, 0.8, 0.96, 100, ["Square decreased the accuracy"])
-    assert not any(c["passed"] for c in bad.values())
 
 
 def test_security_curve_matches_analytic_distances():

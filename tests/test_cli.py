@@ -120,7 +120,13 @@ def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
         "finetune.yaml", ft, tmp / "test", "--model.eval_pgd_steps", "7", "--model.aa_images", "3"
     )
     record = json.loads(ft.with_suffix(".eval.json").read_text())
-    assert record["pgd_steps"] == 7 and record["n_aa_images"] == 3
+    assert record["protocol"]["pgd_steps"] == 7 and record["n_aa_images"] == 3
+    # The AutoAttack sample is class-stratified and recorded; synthetic data has 4 classes.
+    assert sum(record["aa_class_counts"].values()) == 3 and len(record["aa_class_counts"]) == 3
+    assert set(record["checks"]) >= {
+        "aa_at_most_pgd",
+        "more_steps_not_higher",
+    }
     assert record["hyper_parameters"]["lr"] == 0.01, "everything else comes from the checkpoint"
 
 

@@ -2,87 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from s2ap_lightning.analysis.plotting import subplots
-
-
-def git_commit() -> str:
-    """The project's git commit (``unknown`` outside a checkout)."""
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def write_evaluation_json(
-    module: Any, figures: dict, checks: dict, n_images: int, n_aa: int, warnings: list[str]
-) -> Path:
-    """Write the test figures with everything needed to reproduce them beside the checkpoint."""
-    trainer = module.trainer
-    ckpt = getattr(trainer, "ckpt_path", None)
-    if ckpt:
-        path = Path(ckpt).with_suffix(".eval.json")
-    else:
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "eval.json"
-    data = getattr(trainer, "datamodule", None)
-    record = {
-        "checkpoint": str(ckpt) if ckpt else None,
-        "stage": type(module).__name__,
-        **figures,
-        "n_images": n_images,
-        "n_aa_images": n_aa,
-        "eps": module.hparams.eps,
-        "norm": module.hparams.norm,
-        "pgd_steps": module.hparams.eval_pgd_steps,
-        "pgd_restarts": module.hparams.eval_pgd_restarts,
-        "pgd_fewer_steps": module.fewer_pgd_steps,
-        "aa_version": module.hparams.aa_version if n_aa else None,
-        "checks": checks,
-        "all_checks_passed": all(c["passed"] for c in checks.values()),
-        "autoattack_warnings": warnings,
-        "seed": os.environ.get("PL_GLOBAL_SEED"),
-        "dataset": _plain(dict(data.hparams)) if data is not None else None,
-        "hyper_parameters": _plain(dict(module.hparams)),
-        "precision": str(trainer.precision),
-        "world_size": trainer.world_size,
-        "git_commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+from s2ap_lightning.evaluation.record import git_commit
 
 
 def _read_results(path: Path) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from s2ap_lightning.data.datasets import (
     torchvision_dataset,
 )
 from s2ap_lightning.data.samplers import ResumableSampler
+from s2ap_lightning.data.subsets import IndexedDataset, class_counts, dataset_labels, stratified_indices
 
 
 class RobustDataModule(L.LightningDataModule):
@@ -35,7 +36,9 @@ class RobustDataModule(L.LightningDataModule):
         augment: standard crop-and-flip augmentation for the torchvision datasets.
         download: let torchvision download the files (off: the machines it runs on are often
             offline, and a silent multi-GB download is a surprise).
-        test_subset: evaluate only the first N test images (a fixed subset; 0 = all).
+        test_subset: evaluate a seeded, class-stratified sample of N test images (0 = all); the
+            sample is drawn with ``test_subset_seed`` and recorded in every evaluation record.
+        test_subset_seed: seed of the ``test_subset`` sample.
         synthetic_samples: size of the synthetic dataset.
         synthetic_image_size: side of the synthetic images (32 gives CIFAR-shaped data).
         synthetic_classes: classes of the synthetic dataset.
@@ -57,6 +60,7 @@ class RobustDataModule(L.LightningDataModule):
         augment: bool = True,
         download: bool = False,
         test_subset: int = 0,
+        test_subset_seed: int = 0,
         synthetic_samples: int = 512,
         synthetic_image_size: int = 8,
         synthetic_classes: int = 4,
@@ -82,6 +86,7 @@ class RobustDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_sampler: ResumableSampler | None = None
+        self.test_subset_info: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -121,8 +126,17 @@ class RobustDataModule(L.LightningDataModule):
                 hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False, hp.svhn_extra
             )
         self.train_set, self.val_set, self.test_set = splits
+        self.test_subset_info = None
         if hp.test_subset:
-            self.test_set = Subset(self.test_set, range(min(hp.test_subset, len(self.test_set))))
+            labels = dataset_labels(self.test_set)
+            chosen = stratified_indices(labels, hp.test_subset, hp.test_subset_seed)
+            self.test_set = Subset(self.test_set, chosen.tolist())
+            self.test_subset_info = {
+                "size": len(chosen),
+                "of": len(labels),
+                "seed": hp.test_subset_seed,
+                "class_counts": class_counts(labels[chosen]),
+            }
 
     def skip_train_batches(self, batches: int) -> None:
         """Resume support: the next training epoch starts ``batches`` batches in."""
@@ -151,4 +165,5 @@ class RobustDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        # (x, y, index): the evaluation protocol tracks every image by its index in the test split.
+        return self._loader(IndexedDataset(self.test_set), shuffle=False)

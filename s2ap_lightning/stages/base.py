@@ -8,7 +8,10 @@ as it stands (the mask search evaluates ``w * M(s)``).
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,6 +23,19 @@ from torchmetrics.classification import MulticlassAccuracy
 from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, eval_mode, pgd_ce
 from s2ap_lightning.attacks.losses import ROBUST_LOSSES, LossOutput
 from s2ap_lightning.checkpoint import check_loadable, load_weights
+from s2ap_lightning.data.subsets import dataset_labels
+from s2ap_lightning.evaluation import (
+    EvalProtocol,
+    EvalRecord,
+    MaskedModel,
+    aa_membership,
+    autoattack_plan,
+    evaluate_batch,
+    summarise,
+    write_record,
+)
+from s2ap_lightning.evaluation.autoattack import AA_VERSIONS
+from s2ap_lightning.evaluation.record import git_commit, plain
 from s2ap_lightning.models import MODELS, build_model
 from s2ap_lightning.pruning.scores import masked_forward
 
@@ -72,10 +88,14 @@ class RobustTask(L.LightningModule):
             distinct from the Trainer's ``ckpt_path``, which resumes this same stage.
         image_size: input side (linked from the DataModule by the CLI; the ViT needs it).
         channels_last: NHWC memory format for model and inputs (faster convolutions on recent GPUs).
-        aa_images: test images attacked with AutoAttack by ``s2ap test`` (the first N of the test
-            split; 0 skips AutoAttack). Clean and PGD accuracy always use the whole test split.
+        aa_images: test images attacked with AutoAttack by ``s2ap test``: a class-stratified sample
+            drawn with ``aa_seed`` (0 skips AutoAttack). Clean and PGD accuracy use the whole test split.
         aa_batch_size: AutoAttack batch size.
-        aa_version: AutoAttack version (``standard``, ``plus``, ``rand``).
+        aa_version: AutoAttack version (``standard``, ``plus``, ``rand``); attacks not defined for
+            the class count are skipped and recorded.
+        aa_seed: seed of the AutoAttack sample.
+        check_tolerance: noise allowed by the gradient-masking checks, as a fraction of the images
+            compared (at least one image).
 
     """
 
@@ -103,6 +123,8 @@ class RobustTask(L.LightningModule):
         aa_images: int = 1000,
         aa_batch_size: int = 500,
         aa_version: str = "standard",
+        aa_seed: int = 0,
+        check_tolerance: float = 0.005,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -133,8 +155,9 @@ class RobustTask(L.LightningModule):
         check_range("weight_decay", hp.weight_decay, 0.0, None)
         check_range("aa_images", hp.aa_images, 0, None)
         check_range("aa_batch_size", hp.aa_batch_size, 1, None)
-        if hp.aa_version not in ("standard", "plus", "rand"):
-            raise ValueError(f"aa_version={hp.aa_version!r} is unknown; valid: standard, plus, rand")
+        check_range("check_tolerance", hp.check_tolerance, 0.0, 1.0, high_open=True)
+        if hp.aa_version not in AA_VERSIONS:
+            raise ValueError(f"aa_version={hp.aa_version!r} is unknown; valid: {', '.join(AA_VERSIONS)}")
         self.train_attack = AttackConfig(hp.eps, hp.step_size, hp.attack_steps, hp.norm)
         self.eval_attack = AttackConfig(hp.eps, hp.step_size, hp.eval_pgd_steps, hp.norm)
 
@@ -151,10 +174,6 @@ class RobustTask(L.LightningModule):
 
         self.train_robust_acc, self.train_clean_acc = acc(), acc()
         self.val_clean_acc, self.val_robust_acc = acc(), acc()
-        self.test_clean_acc, self.test_robust_acc = acc(), acc()
-        # Gradient-masking checks and AutoAttack, at test time only.
-        self.test_pgd10_acc, self.test_eps0_acc, self.test_aa_acc = acc(), acc(), acc()
-        self.test_aa_clean_acc = acc()  # clean accuracy on the AutoAttack subset, for its check
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -309,91 +328,106 @@ class RobustTask(L.LightningModule):
         self._evaluate(batch, "val", self.train_attack, 1)
 
     # ----------------------------------------------------------------- test: the full protocol
-    def on_test_start(self) -> None:
-        world = self.trainer.world_size
-        data = getattr(self.trainer, "datamodule", None)
-        n = len(data.test_set) if data is not None and getattr(data, "test_set", None) is not None else None
-        if world > 1 and n is not None and n % world:
-            raise ValueError(
-                f"test set of {n} images does not divide across world_size={world}: the distributed "
-                "sampler would repeat images and bias the accuracy. Evaluate on one device "
-                "(--trainer.devices 1) or with a world size that divides the number of images."
-            )
-        self._aa_seen = 0
-        self._aa_warnings: list[str] = []
-
     @property
-    def fewer_pgd_steps(self) -> int:
-        """Steps of the weaker PGD of the "more steps must not help the model" check (10 vs 50)."""
-        steps = self.hparams.eval_pgd_steps
-        return 10 if steps > 10 else max(1, steps // 2)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        from s2ap_lightning.analysis.evaluation import MaskedModel, autoattack_adversarial
-
+    def eval_protocol(self) -> EvalProtocol:
+        """The evaluation protocol these hyper-parameters ask for (``s2ap test``)."""
         hp = self.hparams
-        self._evaluate(batch, "test", self.eval_attack, hp.eval_pgd_restarts)
-        with attack_context(self.model):
-            x, y = batch[0].clone(), batch[1].clone()
-            evaluated = MaskedModel(self.model, self.weights_for_eval())
-            pgd10 = AttackConfig(hp.eps, hp.step_size, self.fewer_pgd_steps, hp.norm)
-            x_pgd10 = pgd_ce(evaluated, x, y, pgd10)
-            x_eps0 = pgd_ce(evaluated, x, y, AttackConfig(0.0, hp.step_size, 1, hp.norm))
-            with torch.no_grad():
-                self.test_pgd10_acc(evaluated(x_pgd10), y)
-                self.test_eps0_acc(evaluated(x_eps0), y)
-            take = min(hp.aa_images - self._aa_seen, len(x))
-            if take > 0:
-                x_aa, warnings = autoattack_adversarial(
-                    evaluated,
-                    x[:take],
-                    y[:take],
-                    hp.eps,
-                    {"linf": "Linf", "l2": "L2"}[hp.norm],
-                    hp.aa_version,
-                    hp.aa_batch_size,
-                    seed=self._aa_seen,
-                )
-                with torch.no_grad():
-                    self.test_aa_acc(evaluated(x_aa), y[:take])
-                    self.test_aa_clean_acc(evaluated(x[:take]), y[:take])
-                self._aa_seen += take
-                self._aa_warnings += [w for w in warnings if w not in self._aa_warnings]
-        self.log("test/pgd10_acc", self.test_pgd10_acc)
-        self.log("test/eps0_acc", self.test_eps0_acc)
-        if self._aa_seen:
-            self.log("test/aa_acc", self.test_aa_acc)
-
-    def on_test_epoch_end(self) -> None:
-        from s2ap_lightning.analysis.evaluation import gradient_masking_checks
-        from s2ap_lightning.analysis.report import write_evaluation_json
-
-        figures = {
-            "clean_acc": float(self.test_clean_acc.compute()),
-            "pgd_acc": float(self.test_robust_acc.compute()),
-            "pgd10_acc": float(self.test_pgd10_acc.compute()),
-            "eps0_acc": float(self.test_eps0_acc.compute()),
-            "aa_acc": float(self.test_aa_acc.compute()) if self._aa_seen else None,
-        }
-        n_images = int(self.test_clean_acc.tp.sum() + self.test_clean_acc.fn.sum())
-        n_aa = int(self.test_aa_acc.tp.sum() + self.test_aa_acc.fn.sum()) if self._aa_seen else 0
-        checks = gradient_masking_checks(
-            figures["clean_acc"],
-            figures["pgd_acc"],
-            figures["pgd10_acc"],
-            figures["eps0_acc"],
-            figures["aa_acc"],
-            n_images,
-            self._aa_warnings,
-            aa_clean=float(self.test_aa_clean_acc.compute()) if self._aa_seen else None,
+        return EvalProtocol(
+            eps=hp.eps,
+            step_size=hp.step_size,
+            norm=hp.norm,
+            pgd_steps=hp.eval_pgd_steps,
+            pgd_restarts=hp.eval_pgd_restarts,
+            aa_images=hp.aa_images,
+            aa_version=hp.aa_version,
+            aa_batch_size=hp.aa_batch_size,
+            subset_seed=hp.aa_seed,
+            tolerance=hp.check_tolerance,
         )
 
-        for name, check in checks.items():
-            if not check["passed"]:
-                rank_zero_warn(
-                    f"EVALUATION CHECK FAILED ({name}): {check['detail']}. The robust accuracy "
-                    "may be overestimated (gradient masking or a broken evaluation)."
-                )
+    def on_test_start(self) -> None:
+        # Decided before any attack runs: which images AutoAttack sees (seeded, class-stratified) and
+        # which of its attacks are defined for this class count.
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or getattr(data, "test_set", None) is None:
+            raise ValueError("s2ap test needs the RobustDataModule (its test split names the images)")
+        protocol = self.eval_protocol
+        self._test_labels = dataset_labels(data.test_set)
+        self._aa_member = aa_membership(self._test_labels, protocol)
+        self._aa_plan = (
+            autoattack_plan(self.hparams.num_classes, protocol.aa_version) if protocol.aa_images else None
+        )
+        if self._aa_plan is not None and self._aa_plan.skipped:
+            self.print(self._aa_plan.describe())
+        self._test_flags: list[dict[str, Tensor]] = []
+        self._aa_warnings: list[str] = []
+
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y, index = batch
+        model = MaskedModel(self.model, self.weights_for_eval())
+        in_aa = self._aa_member[index.cpu()]
+        flags, warnings = evaluate_batch(
+            model, x, y, self.eval_protocol, self._aa_plan, in_aa, seed=self.hparams.aa_seed + batch_idx
+        )
+        self._test_flags.append({**flags, "index": index})
+        self._aa_warnings += [w for w in warnings if w not in self._aa_warnings]
+
+    def on_test_epoch_end(self) -> None:
+        flags = {k: torch.cat([f[k] for f in self._test_flags]) for k in self._test_flags[0]}
+        if self.trainer.world_size > 1:
+            # Every rank's flags, by image index: the distributed sampler's padding repeats images,
+            # which are counted once here.
+            flags = {k: v.reshape(-1) for k, v in self.all_gather(flags).items()}
+        index, first = _first_occurrence(flags.pop("index").cpu())
+        flags = {k: v.cpu()[first] for k, v in flags.items()}
+        record = summarise(
+            flags, self._test_labels[index], self.eval_protocol, self._aa_plan, self._aa_warnings
+        )
+        names = {"clean_acc": "clean_acc", "pgd_acc": "robust_acc", "pgd_fewer_acc": "pgd10_acc"}
+        for key in ("clean_acc", "pgd_acc", "pgd_fewer_acc", "eps0_acc", "aa_acc"):
+            if getattr(record, key) is not None:
+                self.log(f"test/{names.get(key, key)}", getattr(record, key), rank_zero_only=True)
+        for failure in record.failures():
+            rank_zero_warn(
+                f"EVALUATION CHECK FAILED ({failure}). The robust accuracy may be overestimated "
+                "(gradient masking or a broken evaluation)."
+            )
         if self.trainer.is_global_zero:
-            path = write_evaluation_json(self, figures, checks, n_images, n_aa, self._aa_warnings)
+            path = write_record(self.record_path(), self.evaluation_record(record))
             self.print(f"evaluation written to {path}")
+
+    def record_path(self) -> Path:
+        """``<checkpoint>.eval.json`` beside an evaluated checkpoint, else ``eval.json`` in the log dir."""
+        ckpt = getattr(self.trainer, "ckpt_path", None)
+        if ckpt:
+            return Path(ckpt).with_suffix(".eval.json")
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "eval.json"
+
+    def evaluation_record(self, record: EvalRecord) -> dict[str, Any]:
+        """The JSON record: figures, what they rest on, checks, and everything to reproduce them."""
+        trainer = self.trainer
+        data = getattr(trainer, "datamodule", None)
+        ckpt = getattr(trainer, "ckpt_path", None)
+        return {
+            "checkpoint": str(ckpt) if ckpt else None,
+            "stage": type(self).__name__,
+            **record.as_dict(),
+            "test_subset": getattr(data, "test_subset_info", None),
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            "dataset": plain(dict(data.hparams)) if data is not None else None,
+            "hyper_parameters": plain(dict(self.hparams)),
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "git_commit": git_commit(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted unique indices and the position of each one's first occurrence in ``index``."""
+    unique, inverse = torch.unique(index, sorted=True, return_inverse=True)
+    positions = torch.arange(len(index))
+    first = torch.full((len(unique),), len(index), dtype=torch.long).scatter_reduce(
+        0, inverse, positions, reduce="amin"
+    )
+    return unique, first

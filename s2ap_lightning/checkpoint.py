@@ -130,3 +130,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_torch_save(checkpoint, path)
+
+
+def refuse_existing(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace a result file unless told to (``--overwrite``)."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass --overwrite to replace it")

@@ -10,14 +10,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from s2ap_lightning.checkpoint import load_file
+from s2ap_lightning.checkpoint import load_file, refuse_existing
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import BEST, LAST, BestCheckpoint
@@ -37,6 +39,12 @@ class S2APCLI(LightningCLI):
         parser.set_defaults({f"checkpoint.{k}": v for k, v in BEST.items()})
         parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="let `fit` write into a checkpoint folder that holds another run's checkpoints",
+        )
 
     #: Evaluation settings: at `test`/`validate` time they come from the command, not the checkpoint.
     EVAL_KEYS = (
@@ -71,6 +79,22 @@ class S2APCLI(LightningCLI):
 
     def _preflight(self) -> None:
         self.model.preflight(self.trainer, self.subcommand)
+        if self.subcommand == "fit":
+            self._refuse_overwrite()
+
+    def _refuse_overwrite(self) -> None:
+        """A new `fit` never replaces another run's checkpoints (a better best.ckpt lost for good)."""
+        sub = self.subcommand
+        dirpath = self.config.get(f"{sub}.checkpoint.dirpath")
+        if not dirpath or self.config.get(f"{sub}.ckpt_path") or self.config.get(f"{sub}.overwrite"):
+            return
+        existing = sorted(p.name for p in Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
+        if existing:
+            raise FileExistsError(
+                f"checkpoint.dirpath={dirpath!r} already holds a run ({', '.join(existing)}). Resume it "
+                "with --ckpt_path last, write to a new --checkpoint.dirpath, or replace it with "
+                "--overwrite true."
+            )
 
     before_fit = before_validate = before_test = _preflight
 
@@ -97,7 +121,9 @@ def _export(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="checkpoint of the prune or finetune stage")
     parser.add_argument("--out", required=True, help="output .pt file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    refuse_existing(args.out, args.overwrite)
     print(export(args.checkpoint, args.out))
     print(f"wrote {args.out}")
     return 0
@@ -140,11 +166,38 @@ def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
     )
 
 
+#: The project's own validation errors: one readable line, no traceback (S2AP_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message a user can act on: jsonargparse wraps a class's own ``ValueError`` in a list of
+    union-type attempts and the whole namespace; keep the project's message only.
+    """
+    text = str(err)
+    if "\nErrors:\n" in text:
+        reasons = [
+            line.strip()[2:]
+            for line in text.split("\nErrors:\n", 1)[1].splitlines()
+            if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+        ]
+        if reasons:
+            return reasons[0]
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in TOOLS:
-        return TOOLS[args[0]](args[1:])
-    run_cli(None if argv is None else args)
+    debug = os.environ.get("S2AP_DEBUG", "") not in ("", "0")
+    try:
+        if args and args[0] in TOOLS:
+            return TOOLS[args[0]](args[1:])
+        run_cli(None if argv is None else args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"s2ap: error: {one_line(err)}  (S2AP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

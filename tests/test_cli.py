@@ -14,7 +14,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def cli(*args):
-    return main([*args])
+    # run with S2AP_DEBUG semantics: the project's errors propagate to the test
+    from s2ap_lightning.cli import TOOLS, run_cli
+
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](list(args[1:]))
+    run_cli(list(args))
+    return 0
 
 
 def stage(tmp, name, stage_cfg, epochs, *extra):
@@ -234,7 +240,41 @@ def test_cli_best_checkpoint_skips_over_budget_epochs(tmp_path):
     assert not pruner.within_budget()
     assert not best._eligible(pruner)
     with torch.no_grad():
-
         for rate in pruner.scores.rates.values():
             rate.fill_(float(torch.logit(torch.tensor((0.1 - 0.01) / 0.99))))  # back at the target
     assert pruner.within_budget() and best._eligible(pruner)
+
+
+def test_fit_refuses_to_overwrite_a_finished_run(chained, tmp_path, capsys):
+    tmp, pre, _, _ = chained
+    before = (tmp / "pretrain" / "best.ckpt").read_bytes()
+    with pytest.raises(
+        FileExistsError, match=r"already holds a run \(best.ckpt, last.ckpt\).*--ckpt_path last"
+    ):
+        stage(tmp, "pretrain", "pretrain.yaml", 1)
+    assert (tmp / "pretrain" / "best.ckpt").read_bytes() == before, "the finished run was touched"
+    # Through the command: one readable line, exit status 2, no traceback.
+    monkey_args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "stages" / "pretrain.yaml"),
+        "--config",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--checkpoint.dirpath",
+        str(tmp / "pretrain"),
+    ]
+    assert main(monkey_args) == 2
+    err = capsys.readouterr().err
+    assert "s2ap: error: checkpoint.dirpath=" in err and "Traceback" not in err
+    # An explicit overwrite is honoured.
+    stage(tmp_path, "again", "pretrain.yaml", 1)
+    stage(tmp_path, "again", "pretrain.yaml", 1, "--overwrite", "true")
+
+
+def test_export_refuses_to_replace_a_file(chained, tmp_path):
+    _, _, _, ft = chained
+    out = tmp_path / "pruned.pt"
+    out.write_bytes(b"keep me")
+    assert main(["export", str(ft), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"keep me"
+    assert main(["export", str(ft), "--out", str(out), "--overwrite"]) == 0

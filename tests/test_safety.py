@@ -23,6 +23,12 @@ def guarded_dir(tmp_path):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _tracebacks(monkeypatch):
+    # The errors propagate to pytest.raises; test_user_errors_are_one_line checks what a user sees.
+    monkeypatch.setenv("S2AP_DEBUG", "1")
+
+
 def prune_cli(folder, *extra):
     return main(
         [
@@ -198,3 +204,11 @@ def test_damaged_ckpt_path_is_named_before_lightning_reads_it(tmp_path, guarded_
     with pytest.raises(CheckpointError, match=rf"{damaged}.*truncated or corrupted"):
         prune_cli(guarded_dir, "--ckpt_path", str(damaged))
     assert (guarded_dir / "last.ckpt").read_bytes() == b"previous checkpoint"
+
+
+def test_user_errors_are_one_line(guarded_dir, monkeypatch, capsys):
+    monkeypatch.delenv("S2AP_DEBUG")
+    assert prune_cli(guarded_dir, "--model.sparsity", "1.5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("s2ap: error: sparsity=1.5 is out of range: valid range is (0.0, 1.0)")
+    assert not any("Traceback" in line for line in err)

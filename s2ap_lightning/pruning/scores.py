@@ -22,6 +22,9 @@ from s2ap_lightning.pruning.masks import (
     topk_masks,
 )
 
+#: Score-based base methods S2AP plugs into.
+BASE_METHODS = ("hydra", "harp")
+
 
 def prunable_weight_names(model: nn.Module) -> list[str]:
     """Names of every ``Conv2d`` and ``Linear`` weight (first conv, shortcuts, classifier included).

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
-from s2ap_lightning.pruning.scores import RATE_GRADS, HarpScoreSet, ScoreSet, masked_forward
+from s2ap_lightning.pruning.scores import BASE_METHODS, RATE_GRADS, HarpScoreSet, ScoreSet, masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -109,8 +109,8 @@ class ScoreSpaceSAMPruner(RobustTask):
         if hp.rate_grad not in RATE_GRADS:
             raise ValueError(f"rate_grad={hp.rate_grad!r} is unknown; valid: {', '.join(RATE_GRADS)}")
 
-        if hp.base_method not in ("hydra", "harp"):
-            raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: hydra, harp")
+        if hp.base_method not in BASE_METHODS:
+            raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: {', '.join(BASE_METHODS)}")
         if hp.scope not in ("layer", "global"):
             raise ValueError(f"scope={hp.scope!r} is unknown; valid: layer, global")
         if hp.base_method == "harp" and hp.scope != "layer":

@@ -1,0 +1,1 @@
+"""Jobs built from the stages: the Quickstart demo and the paired multi-seed study."""

@@ -1,0 +1,42 @@
+"""What the jobs share: a quiet deterministic Trainer per stage, and a split as tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from s2ap_lightning.checkpoint import AtomicCheckpointIO
+from s2ap_lightning.stages.callbacks import checkpoint_callbacks
+
+
+def stage_trainer(
+    root: Path,
+    epochs: int,
+    progress: bool,
+    callbacks: list[L.Callback] | None = None,
+    accelerator: str = "cpu",
+) -> L.Trainer:
+    """A one-device deterministic Trainer writing logs and ``best.ckpt``/``last.ckpt`` under ``root``."""
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=CSVLogger(root, name="logs"),
+        callbacks=[*checkpoint_callbacks(str(root)), *(callbacks or [])],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+        deterministic=True,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def split_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` items (all by default) of a split as ``(x, y)`` tensors."""
+    n = len(data) if limit is None else min(limit, len(data))
+    xs, ys = zip(*[data[i][:2] for i in range(n)], strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)

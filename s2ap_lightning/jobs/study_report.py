@@ -1,0 +1,293 @@
+"""``study.csv``, ``study.md`` and plots of a finished study: means with 95 % CIs, paired differences.
+
+Confidence intervals are Student-t intervals over seeds (``mean +- t_{0.975, n-1} * sd / sqrt(n)``).
+The S2AP-minus-base difference is paired by seed: both come from the same pretrained model, data
+order and finetuning recipe, so the seed-to-seed spread cancels out of the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from s2ap_lightning.jobs.study import Cell, StudySpec, cells_of, read_result
+
+#: One definition of the study's columns (study.csv and the tables read from it).
+COLUMNS = [
+    "seed",
+    "method",
+    "base_method",
+    "sparsity",
+    "gamma",
+    "selected",
+    "clean_acc",
+    "pgd_acc",
+    "aa_acc",
+    "n_test",
+    "n_aa",
+    "val_mask_pgd_acc",
+    "n_val",
+    "mask_pgd_acc",
+    "mask_hamming_last_epoch",
+    "lambda_max",
+    "checks_passed",
+    "check_failures",
+    "wall_s",
+    "git_commit",
+    "cell",
+]
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval (``nan`` with one value)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+
+
+def study_rows(spec: StudySpec) -> list[dict[str, Any]]:
+    """One row per run: the dense model of each seed, every search, with test figures where finetuned."""
+    rows = []
+    pretrain, search, finetune = cells_of(spec)
+    for cell in pretrain:
+        rows.append({**read_result(spec, cell), "selected": True})
+    finals = {}
+    for cell in finetune:
+        result = read_result(spec, cell)
+        finals[result["search_cell"]] = result
+    for cell in search:
+        result = read_result(spec, cell)
+        final = finals.get(result["cell"])
+        row = {**result, "selected": final is not None}
+        if final is not None:
+            keep = ("clean_acc", "pgd_acc", "aa_acc", "n_test", "n_aa", "mask_pgd_acc", "checks_passed")
+            row.update({k: final[k] for k in keep})
+            row["check_failures"] = final["check_failures"]
+            row["wall_s"] = round(result["wall_s"] + final["wall_s"], 1)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "check_failures": "; ".join(row.get("check_failures") or [])})
+
+
+def _pct(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.1f} ± {100 * half:.1f}" if not math.isnan(half) else f"{100 * mean:.1f}"
+
+
+def paired(
+    rows: list[dict[str, Any]], base: str, sparsity: float, metric: str
+) -> dict[int, tuple[float, float]]:
+    """``{seed: (base value, S2AP value)}`` of the finetuned, selected models."""
+    out: dict[int, list[float | None]] = {}
+    for r in rows:
+        if (
+            r.get("selected")
+            and r["base_method"] == base
+            and r["sparsity"] == sparsity
+            and r.get(metric) is not None
+        ):
+            slot = 1 if r["method"].endswith("+s2ap") else 0
+            out.setdefault(r["seed"], [None, None])[slot] = r[metric]
+    return {s: (v[0], v[1]) for s, v in out.items() if None not in v}
+
+
+def verdict(diff_mean: float, diff_half: float) -> str:
+    """Plain reading of a paired CI: better, worse, or no detectable difference."""
+    if math.isnan(diff_half):
+        return "one seed: no interval"
+    if diff_mean - diff_half > 0:
+        return "S2AP better"
+    if diff_mean + diff_half < 0:
+        return "S2AP worse"
+    return "no detectable difference"
+
+
+def write_study_report(spec: StudySpec) -> Path:
+    """Write ``study.csv``, ``study.md`` and the plots into the study folder; return ``study.md``."""
+    folder = spec.folder
+    rows = study_rows(spec)
+    write_csv(rows, folder / "study.csv")
+    finals = [r for r in rows if r.get("selected") and r.get("clean_acc") is not None]
+    wall = sum(float(r.get("wall_s") or 0) for r in rows)
+    recipe = f"with AWP (gamma {spec.awp_gamma})" if spec.awp else "without AWP"
+    lines = [
+        f"# Study `{spec.name}`",
+        "",
+        f"Spec: `{folder / 'spec.yaml'}` (data `{spec.data_config}`); seeds {spec.seeds}; sparsities "
+        f"{spec.sparsities}; gammas {spec.gammas}; epochs pretrain/search/finetune "
+        f"{spec.pretrain_epochs}/{spec.prune_epochs}/{spec.finetune_epochs} (S2AP warm-up "
+        f"{spec.warmup_epochs}); finetuning {recipe} for every method. Cell wall time in all: "
+        f"{wall / 60:.1f} min.",
+        "",
+        "Accuracies in %, mean ± 95 % CI half-width over seeds (Student t). Test figures: clean and "
+        f"PGD-{spec.eval_pgd_steps} on every test image, AutoAttack on a class-stratified sample of "
+        f"{spec.aa_images}. The S2AP gamma of each (seed, sparsity) was chosen by the validation "
+        f"PGD-{spec.select_pgd_steps} accuracy of the searched mask, before finetuning.",
+        "",
+    ]
+    failed = [r for r in finals if not r.get("checks_passed")]
+    if failed:
+        lines += [
+            f"**{len(failed)} evaluation(s) FAILED a gradient-masking check** (marked `!` below; "
+            "details in `study.csv`).",
+            "",
+        ]
+    lines += [
+        "## Accuracy per method",
+        "",
+        "| method | sparsity | seeds | clean | PGD | AutoAttack | checks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in finals:
+        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
+    for (method, sp), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = [
+            _pct(*mean_ci([g[m] for g in group if g.get(m) is not None]))
+            for m in ("clean_acc", "pgd_acc", "aa_acc")
+        ]
+        bad = sum(1 for g in group if not g.get("checks_passed"))
+        status = "ok" if not bad else f"{bad} failed !"
+        lines.append(f"| {method} | {sp:g} | {len(group)} | {' | '.join(cells)} | {status} |")
+    lines += [
+        "",
+        "## Paired difference, S2AP minus base method (same seed)",
+        "",
+        "| base | sparsity | metric | per seed (points) | mean ± 95 % CI | S2AP wins | reading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for base in spec.base_methods:
+        for sp in spec.sparsities:
+            for metric in ("pgd_acc", "aa_acc", "clean_acc"):
+                pairs = paired(rows, base, sp, metric)
+                if not pairs:
+                    continue
+                diffs = [pairs[s][1] - pairs[s][0] for s in sorted(pairs)]
+                m, h = mean_ci(diffs)
+                wins = sum(d > 0 for d in diffs)
+                per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
+                lines.append(
+                    f"| {base} | {sp:g} | {metric.replace('_acc', '')} | {per_seed} | "
+                    f"{100 * m:+.1f} ± {100 * h:.1f} | {wins}/{len(diffs)} | {verdict(m, h)} |"
+                )
+    lines += [
+        "",
+        "## Gamma sensitivity: validation PGD accuracy of the searched mask (before finetuning)",
+        "",
+        "| base | sparsity | gamma | "
+        + " | ".join(f"seed {s}" for s in spec.seeds)
+        + " | mean | chosen on |",
+        "|---|---|---|" + "---|" * (len(spec.seeds) + 2),
+    ]
+    for base in spec.base_methods:
+        for sp in spec.sparsities:
+            for g in [0.0, *spec.gammas]:
+                vals, chosen = [], 0
+                for s in spec.seeds:
+                    r = read_result(spec, Cell("search", s, base, sp, g))
+                    vals.append(r["val_mask_pgd_acc"])
+                    chosen += any(x["cell"] == r["cell"] and x["selected"] for x in rows) and g > 0
+                label = f"{g:g}" if g else "0 (base)"
+                lines.append(
+                    f"| {base} | {sp:g} | {label} | "
+                    + " | ".join(f"{100 * v:.1f}" for v in vals)
+                    + f" | {100 * sum(vals) / len(vals):.1f} | {chosen if g else '-'} |"
+                )
+    lines += [
+        "",
+        "## Mask statistics of the selected searches (mean over seeds)",
+        "",
+        "| method | sparsity | mask PGD (test, before finetuning) | Hamming, last epoch | lambda_max |",
+        "|---|---|---|---|---|",
+    ]
+    for (method, sp), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if method == "dense":
+            continue
+
+        def avg(key: str, group: list[dict[str, Any]] = group) -> str:
+            vals = [g[key] for g in group if g.get(key) is not None]
+            return f"{sum(vals) / len(vals):.4g}" if vals else "n/a"
+
+        stats = " | ".join(avg(k) for k in ("mask_pgd_acc", "mask_hamming_last_epoch", "lambda_max"))
+        lines.append(f"| {method} | {sp:g} | {stats} |")
+    plots = _plots(spec, rows, finals, folder)
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "",
+        "Rows: `study.csv` (one per run; `selected` marks the finetuned ones). "
+        f"Commit: {rows[0].get('git_commit')}.",
+        "",
+    ]
+    path = folder / "study.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _plots(
+    spec: StudySpec, rows: list[dict[str, Any]], finals: list[dict[str, Any]], folder: Path
+) -> list[Path]:
+    from s2ap_lightning.analysis.plotting import subplots
+
+    out = []
+    fig, axes = subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in zip(axes, ("pgd_acc", "aa_acc"), ("PGD", "AutoAttack"), strict=True):
+        methods = sorted({r["method"] for r in finals if r["method"] != "dense"})
+        for i, method in enumerate(methods):
+            xs, ms, hs = [], [], []
+            for sp in spec.sparsities:
+                vals = [
+                    r[metric]
+                    for r in finals
+                    if r["method"] == method and r["sparsity"] == sp and r.get(metric) is not None
+                ]
+                if vals:
+                    m, h = mean_ci(vals)
+                    xs.append(i * 0.15 + spec.sparsities.index(sp))
+                    ms.append(100 * m)
+                    hs.append(0 if math.isnan(h) else 100 * h)
+            ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=4, label=method)
+        dense = [r[metric] for r in finals if r["method"] == "dense" and r.get(metric) is not None]
+        if dense:
+            ax.axhline(100 * sum(dense) / len(dense), color="grey", ls="--", label="dense")
+        ax.set_xticks(range(len(spec.sparsities)), [f"{s:g}" for s in spec.sparsities])
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel(f"{title} accuracy (%)")
+        ax.set_title(f"{title}: mean and 95 % CI over seeds")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.append(folder / "robust_vs_sparsity.png")
+    fig.savefig(out[-1], dpi=100)
+
+    pairs_cols = [(b, sp) for b in spec.base_methods for sp in spec.sparsities]
+    fig, axes = subplots(1, len(pairs_cols), figsize=(4 * len(pairs_cols), 4), squeeze=False)
+    for ax, (base, sp) in zip(axes[0], pairs_cols, strict=True):
+        for seed, (a, b) in sorted(paired(rows, base, sp, "pgd_acc").items()):
+            ax.plot(
+                [0, 1], [100 * a, 100 * b], marker="o", color="tab:green" if b > a else "tab:red", alpha=0.8
+            )
+            ax.annotate(f"seed {seed}", (1.02, 100 * b), fontsize=7)
+        ax.set_xticks([0, 1], [base, f"{base}+s2ap"])
+        ax.set_xlim(-0.2, 1.35)
+        ax.set_ylabel("PGD accuracy (%)")
+        ax.set_title(f"paired per seed, sparsity {sp:g}")
+    fig.tight_layout()
+    out.append(folder / "paired_per_seed.png")
+    fig.savefig(out[-1], dpi=100)
+    return out

@@ -20,8 +20,8 @@ def test_digits_splits_are_fixed_disjoint_and_scaled():
 
 
 def test_unknown_dataset_lists_valid():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits.*cifar10"):
-        RobustDataModule("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'fashion_mnist'.*digits.*mnist_5k.*cifar10"):
+        RobustDataModule("fashion_mnist")
 
 
 def write_cifar10(root, n=20):
@@ -184,3 +184,48 @@ def test_vgg16_key_names_match_hydra_variant():
     assert state["classifier.4.weight"].shape == (10, 256)
     assert state["features.0.weight"].shape == (64, 3, 3, 3) and "features.1.running_mean" in state
     assert sum(k.endswith(".weight") and v.dim() == 4 for k, v in state.items()) == 13
+
+
+def test_mnist_5k_from_the_installed_wheel():
+    dm = RobustDataModule("mnist_5k", batch_size=16)
+    dm.setup()
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, 28)
+    assert len(dm.test_set) == 1000 and len(dm.train_set) + len(dm.val_set) == 4000
+    x, y = dm.test_set[0]
+    assert x.shape == (1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.9
+    labels = torch.cat([dm.test_set.tensors[1], torch.as_tensor([dm.train_set[i][1] for i in range(10)])])
+    assert set(labels.tolist()) <= set(range(10)) and len(set(dm.test_set.tensors[1].tolist())) == 10
+    again = RobustDataModule("mnist_5k")
+    again.setup()
+    assert torch.equal(again.test_set.tensors[0], dm.test_set.tensors[0]), "the split is fixed"
+
+
+def write_mnist_idx(root, n_train=30, n_test=10):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes()
+        )
+
+
+def test_mnist_real_idx_format(tmp_path):
+    write_mnist_idx(tmp_path)
+    dm = RobustDataModule("mnist", data_dir=str(tmp_path), batch_size=5, val_fraction=0.2)
+    assert dm.hparams.download is False
+    dm.setup()
+    assert len(dm.train_set) == 24 and len(dm.val_set) == 6 and len(dm.test_set) == 10
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (5, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_missing_mnist_files_say_where(tmp_path):
+    dm = RobustDataModule("mnist", data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"mnist not found.*download: true"):
+        dm.setup()

@@ -257,3 +257,24 @@ def test_restoring_under_another_sparsity_is_refused(fast_kwargs, trainer_factor
             ckpt_path=str(tmp_path / "p.ckpt"),
             weights_only=True,
         )
+
+
+def test_same_seed_same_masks_and_metrics(fast_kwargs, synthetic_dm, trainer_factory):
+    """Two S2AP mask searches with the same seed on CPU: identical scores, masks and logged metrics."""
+    import lightning as L
+
+    runs = []
+    for _ in range(2):
+        L.seed_everything(7, verbose=False)
+        pruner = ScoreSpaceSAMPruner(sparsity=0.8, gamma=0.05, warmup_epochs=1, **fast_kwargs)
+        trainer = trainer_factory(max_epochs=2, deterministic=True)
+        trainer.fit(pruner, datamodule=synthetic_dm)
+        synthetic_dm.train_set = None  # a fresh setup, as a second command would do
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        runs.append(
+            ({n: m.clone() for n, m in pruner.scores.masks().items()}, dict(pruner.scores.items()), metrics)
+        )
+    (masks_a, scores_a, metrics_a), (masks_b, scores_b, metrics_b) = runs
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+    assert all(torch.equal(scores_a[n], scores_b[n]) for n in scores_a)
+    assert metrics_a == metrics_b and "val/robust_acc" in metrics_a

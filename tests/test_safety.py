@@ -78,7 +78,7 @@ BAD = [
     (["--model.warmup_epochs", "5"], r"warmup_epochs=5 is out of range: it must be smaller .*max_epochs=3"),
     (["--model.warmup_epochs", "-1"], r"warmup_epochs=-1 is out of range"),
     (["--trainer.max_epochs", "0"], r"max_epochs=0 is out of range"),
-    (["--data.dataset", "mnist"], r"unknown dataset 'mnist'; valid: digits, synthetic, cifar10"),
+    (["--data.dataset", "fashion_mnist"], r"unknown dataset 'fashion_mnist'; valid: digits, mnist_5k, mnist"),
     (["--model.model", "resnet99"], r"unknown model 'resnet99'; valid: .*resnet18"),
     (["--model.robust_loss", "fgsm"], r"unknown robust_loss 'fgsm'; valid: pgd_at, trades, mart"),
     (["--model.norm", "l3"], r"norm='l3' is unknown; valid: linf, l2"),

@@ -102,3 +102,40 @@ def test_ddp_gradients_masks_and_metrics(tmp_path, ascent_sync):
         assert torch.equal(r0["masks"][name], r1["masks"][name]), "masks identical on every rank"
     for key in ("val/clean_acc", "val/robust_acc"):
         assert r0["metrics"][key] == r1["metrics"][key], f"{key} reduced across ranks"
+
+
+def test_ddp_test_counts_every_image_once(tmp_path):
+    """33 test images on 2 ranks: the sampler pads one image; the record still counts 33, once each."""
+    import json
+
+    from s2ap_lightning.stages import RobustPretrainer
+
+    records = {}
+    for devices in (1, 2):
+        L.seed_everything(0, verbose=False)
+        model = RobustPretrainer(
+            model="small_cnn",
+            num_classes=4,
+            in_channels=3,
+            eps=0.1,
+            step_size=0.03,
+            eval_pgd_steps=2,
+            aa_images=0,
+        )
+        dm = RobustDataModule("synthetic", batch_size=8, synthetic_samples=165)
+        root = tmp_path / f"d{devices}"
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(root),
+        )
+        trainer.test(model, datamodule=dm)
+        records[devices] = json.loads((root / "eval.json").read_text())
+    single, ddp = records[1], records[2]
+    assert single["n_images"] == ddp["n_images"] == 33
+    assert ddp["class_counts"] == single["class_counts"]
+    assert ddp["clean_acc"] == single["clean_acc"] and ddp["eps0_acc"] == ddp["clean_acc"]

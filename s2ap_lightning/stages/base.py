@@ -377,7 +377,8 @@ class RobustTask(L.LightningModule):
         if self.trainer.world_size > 1:
             # Every rank's flags, by image index: the distributed sampler's padding repeats images,
             # which are counted once here.
-            flags = {k: v.reshape(-1) for k, v in self.all_gather(flags).items()}
+            gathered = self.all_gather({k: v.long() for k, v in flags.items()})  # gloo has no bool
+            flags = {k: v.reshape(-1) if k == "index" else v.reshape(-1).bool() for k, v in gathered.items()}
         index, first = _first_occurrence(flags.pop("index").cpu())
         flags = {k: v.cpu()[first] for k, v in flags.items()}
         record = summarise(
@@ -392,8 +393,9 @@ class RobustTask(L.LightningModule):
                 f"EVALUATION CHECK FAILED ({failure}). The robust accuracy may be overestimated "
                 "(gradient masking or a broken evaluation)."
             )
+        path = self.record_path()  # on every rank: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
-            path = write_record(self.record_path(), self.evaluation_record(record))
+            write_record(path, self.evaluation_record(record))
             self.print(f"evaluation written to {path}")
 
     def record_path(self) -> Path:

@@ -130,18 +130,17 @@ def test_normalisation_inside_model():
     assert torch.allclose(model(x), plain((x - 0.5) / 0.25), atol=1e-6)
 
 
-def write_image_folder(root, classes=3, per_class=4, size=40):
+def write_image_folder(root, classes=3, per_class=4, size=40, grey=False, wide=8, ext="JPEG"):
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    shape = (size, size + wide) if grey else (size, size + wide, 3)
     for split in ("train", "val"):
         for c in range(classes):
             d = root / split / f"n0{c:07d}"
             d.mkdir(parents=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(
-                    d / f"{i}.JPEG"
-                )
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(d / f"{i}.{ext}")
 
 
 def test_image_folder_imagenet_layout(tmp_path):
@@ -155,6 +154,58 @@ def test_image_folder_imagenet_layout(tmp_path):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
     assert dm.test_set[0][0].shape == (3, 32, 32)
+
+
+def test_own_greyscale_folder_keeps_one_channel_and_its_size(tmp_path):
+    write_image_folder(tmp_path, classes=2, size=25, grey=True, wide=0, ext="png")
+    dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25)
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 1, 25)
+    dm.setup()
+    x, _ = dm.test_set[0]
+    assert x.shape == (1, 25, 25)
+    # At its own size the evaluation transform changes no pixel (no resampling).
+    from PIL import Image
+
+    first = sorted((tmp_path / "val" / "n00000000").iterdir())[0]
+    raw = torch.from_numpy(np.array(Image.open(first))).float() / 255
+    assert torch.allclose(x[0], raw)
+    # Default augmentation on 25x25 greyscale: random crop with padding, no random-resized crop, no flip.
+    names = [type(t).__name__ for t in dm.train_set.dataset.transform.transforms]
+    assert "RandomCrop" in names and "RandomResizedCrop" not in names and "RandomHorizontalFlip" not in names
+
+
+def test_own_colour_folder_and_upsampling_warning(tmp_path):
+    write_image_folder(tmp_path, classes=3, size=20, wide=0, ext="png")
+    dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4)
+    assert (dm.in_channels, dm.image_size) == (3, 20)
+    big = RobustDataModule("imagefolder", data_dir=str(tmp_path), crop_size=40, augmentation="none")
+    with pytest.warns(UserWarning, match=r"20 px .* crop_size=40 upsamples them 4.0x in area"):
+        big.setup()
+    assert big.test_set[0][0].shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("no_val", r"expects '.*/val' with one sub-folder per class"),
+        ("classes", r"hold different classes: only in train: \['n00000002'\]; only in val: none"),
+        ("unreadable", r"cannot read image .*0.png"),
+    ],
+)
+def test_own_folder_mistakes_are_named(tmp_path, damage, message):
+    import shutil
+
+    write_image_folder(tmp_path, classes=3, size=12, grey=True, wide=0, ext="png")
+    if damage == "no_val":
+        shutil.rmtree(tmp_path / "val")
+    elif damage == "classes":
+        shutil.rmtree(tmp_path / "val" / "n00000002")
+    else:
+        (tmp_path / "train" / "n00000000" / "0.png").write_bytes(b"not an image")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4)
+        dm.setup()
+        [dm.train_set.dataset[i] for i in range(len(dm.train_set.dataset))]
 
 
 def test_image_folder_without_train_names_the_path(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from s2ap_lightning.data.datasets import (
+    AUGMENTATIONS,
     DATASETS,
     DatasetInfo,
     digits,
@@ -47,7 +48,12 @@ class RobustDataModule(L.LightningDataModule):
         svhn_extra: add SVHN's "extra" split (531k images) to training; validation is still carved
             from the training data and testing uses "test".
         crop_size: image side for ``imagefolder``/``imagenet`` (ImageNet layout: ``data_dir/train``
-            and ``data_dir/val``, one sub-folder per class; ``val`` is the test split).
+            and ``data_dir/val``, one sub-folder per class; ``val`` is the test split). Unset: 224
+            for ``imagenet``; the images' own side for ``imagefolder``.
+        channels: input channels of an ``imagefolder`` (unset: 1 for greyscale images, else 3).
+        augmentation: training augmentation of image folders: ``auto`` (random-resized crop and
+            flip for ImageNet and colour images of side >= 64; else random crop with padding, no
+            flip), ``none``, ``crop``, ``crop_flip``, ``imagenet``. ``augment: false`` turns it off.
 
     """
 
@@ -67,7 +73,9 @@ class RobustDataModule(L.LightningDataModule):
         synthetic_image_size: int = 8,
         synthetic_classes: int = 4,
         svhn_extra: bool = False,
-        crop_size: int = 224,
+        crop_size: int | None = None,
+        channels: int | None = None,
+        augmentation: str = "auto",
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -76,6 +84,10 @@ class RobustDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must lie in (0, 1)")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation={augmentation!r} is unknown; valid: {', '.join(AUGMENTATIONS)}")
+        if channels is not None and channels not in (1, 3):
+            raise ValueError(f"channels={channels} is not supported; valid: 1 (greyscale), 3 (colour)")
         if test_subset < 0:
             raise ValueError(f"test_subset={test_subset} must be >= 0 (0 means the full test set)")
         self.save_hyperparameters()
@@ -83,7 +95,7 @@ class RobustDataModule(L.LightningDataModule):
         if dataset == "synthetic":
             self.info = DatasetInfo(synthetic_classes, self.info.in_channels, synthetic_image_size)
         elif dataset in ("imagefolder", "imagenet"):
-            self.info = image_folder_info(data_dir, crop_size)
+            self.info = image_folder_info(data_dir, crop_size, channels, imagenet=dataset == "imagenet")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -124,7 +136,15 @@ class RobustDataModule(L.LightningDataModule):
         elif hp.dataset == "synthetic":
             splits = synthetic(hp.val_fraction, hp.split_seed, hp.synthetic_samples, self.info)
         elif hp.dataset in ("imagefolder", "imagenet"):
-            splits = image_folder(hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, hp.crop_size)
+            splits = image_folder(
+                hp.data_dir,
+                hp.val_fraction,
+                hp.split_seed,
+                hp.augment,
+                self.info,
+                hp.augmentation,
+                imagenet=hp.dataset == "imagenet",
+            )
         else:
             splits = torchvision_dataset(
                 hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False, hp.svhn_extra

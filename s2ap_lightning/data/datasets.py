@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +30,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(10, 3, 32),
     "cifar100": DatasetInfo(100, 3, 32),
     "svhn": DatasetInfo(10, 3, 32),
-    # ImageNet-style folders: the class count is read from the folder.
-    "imagefolder": DatasetInfo(0, 3, 224),
+    # Image folders: classes, channels and side are read from the folder.
+    "imagefolder": DatasetInfo(0, 0, 0),
     "imagenet": DatasetInfo(1000, 3, 224),
 }
 
@@ -105,50 +106,151 @@ def synthetic(
     return _tensor_splits(x, y, 0.2, val_fraction, seed)
 
 
-def image_folder_info(root: str | Path, crop_size: int) -> DatasetInfo:
-    """Classes of an ImageNet-style folder (``train/<class>/*``), known before any image is read."""
-    train = Path(root) / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(
-            f"image folder dataset expects {str(train)!r} with one sub-folder per class "
-            "(and 'val' laid out the same way); set data_dir"
+AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "imagenet")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _class_dirs(split: Path) -> list[Path]:
+    return sorted(d for d in split.iterdir() if d.is_dir())
+
+
+def _first_image(train: Path) -> Path:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for folder in _class_dirs(train):
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMG_EXTENSIONS:
+                return path
+    raise FileNotFoundError(
+        f"{train} holds no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders"
+    )
+
+
+def image_folder_info(
+    root: str | Path, crop_size: int | None = None, channels: int | None = None, imagenet: bool = False
+) -> DatasetInfo:
+    """Classes, channels and side of an image folder, known before training starts.
+
+    ``imagenet`` keeps ImageNet's conventions (3 channels, side 224 unless set). A plain image folder
+    takes channels and side from its first training image unless they are set: greyscale images stay
+    one channel, and images are used at their own size.
+    """
+    root = Path(root)
+    train, test = root / "train", root / "val"
+    for split in (train, test):
+        if not split.is_dir():
+            raise FileNotFoundError(
+                f"image folder dataset expects {str(split)!r} with one sub-folder per class "
+                "('train' for training and validation, 'val' for testing, laid out the same); set data_dir"
+            )
+    classes = [d.name for d in _class_dirs(train)]
+    if len(classes) < 2:
+        raise ValueError(f"{train} holds {len(classes)} class folder(s); a classifier needs at least 2")
+    test_classes = [d.name for d in _class_dirs(test)]
+    if test_classes != classes:
+        only_train = sorted(set(classes) - set(test_classes))
+        only_test = sorted(set(test_classes) - set(classes))
+        raise ValueError(
+            f"{test} and {train} hold different classes: only in train: {only_train or 'none'}; "
+            f"only in val: {only_test or 'none'}"
         )
-    classes = [d for d in train.iterdir() if d.is_dir()]
-    return DatasetInfo(len(classes), 3, crop_size)
+    if imagenet:
+        return DatasetInfo(len(classes), channels or 3, crop_size or 224)
+    if crop_size is None or channels is None:
+        from PIL import Image
+
+        first = _first_image(train)
+        try:
+            with Image.open(first) as img:
+                side, mode = min(img.size), img.mode
+        except OSError as err:
+            raise ValueError(f"cannot read image {first}: {err}") from err
+        crop_size = crop_size or side
+        channels = channels or (1 if mode in _GREY_MODES else 3)
+    return DatasetInfo(len(classes), channels, crop_size)
+
+
+class _Loader:
+    """PIL loader that converts to the folder's channels and names a file it cannot read."""
+
+    def __init__(self, channels: int) -> None:
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, path: str) -> Any:
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as fh, Image.open(fh) as img:
+                return img.convert(self.mode)
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def folder_transforms(info: DatasetInfo, augmentation: str, imagenet: bool) -> tuple[Any, Any]:
+    """``(train, eval)`` transforms of an image folder.
+
+    Evaluation: resize the shorter side to the crop (a no-op for images already that size; ImageNet:
+    to ``crop * 256/224``) and centre-crop. Training: ``none`` (as evaluation), ``crop`` (random crop
+    with padding side/8), ``crop_flip`` (plus horizontal flip), ``imagenet`` (random-resized crop and
+    flip); ``auto`` is ``imagenet`` for ImageNet and for colour images of side >= 64, else ``crop``
+    (no flip: digits and text are not flip-invariant).
+    """
+    from torchvision import transforms
+
+    size = info.image_size
+    resize = int(round(size * 256 / 224)) if imagenet else size
+    plain = transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor()]
+    )
+    if augmentation == "auto":
+        augmentation = "imagenet" if imagenet or (info.in_channels == 3 and size >= 64) else "crop"
+    if augmentation == "none":
+        return plain, plain
+    if augmentation == "imagenet":
+        steps = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(size), transforms.RandomCrop(size, padding=max(size // 8, 1))]
+        if augmentation == "crop_flip":
+            steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose([*steps, transforms.ToTensor()]), plain
 
 
 def image_folder(
-    root: str | Path, val_fraction: float, seed: int, augment: bool, crop_size: int
+    root: str | Path,
+    val_fraction: float,
+    seed: int,
+    augment: bool,
+    info: DatasetInfo,
+    augmentation: str = "auto",
+    imagenet: bool = False,
 ) -> tuple[Dataset, Dataset, Dataset]:
     """ImageNet layout: ``train/`` (training and validation, split with a seed) and ``val/`` (test).
 
-    Standard ImageNet preprocessing: random-resized crop and flip for training; resize to
-    ``crop * 256/224`` and centre crop for evaluation. Inputs stay in [0, 1] (normalisation is inside
-    the model).
+    Inputs stay in [0, 1] (normalisation is inside the model). A crop larger than the images
+    upsamples them: a warning names the factor, since it multiplies the cost of every step.
     """
-    from torchvision import datasets, transforms
+    import warnings
 
-    resize = int(round(crop_size * 256 / 224))
-    plain = transforms.Compose(
-        [transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.ToTensor()]
-    )
-    train_tf = (
-        transforms.Compose(
-            [
-                transforms.RandomResizedCrop(crop_size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-            ]
-        )
-        if augment
-        else plain
-    )
+    from torchvision import datasets
+
     root = Path(root)
-    train_full = datasets.ImageFolder(root / "train", transform=train_tf)
-    eval_full = datasets.ImageFolder(root / "train", transform=plain)
-    test = datasets.ImageFolder(root / "val", transform=plain)
-    if test.classes != train_full.classes:
-        raise ValueError(f"{root / 'val'} and {root / 'train'} hold different classes")
+    if not imagenet:
+        from PIL import Image
+
+        with Image.open(_first_image(root / "train")) as img:
+            side = min(img.size)
+        if side < info.image_size:
+            warnings.warn(
+                f"image folder {root}: images are {side} px on their shorter side; crop_size="
+                f"{info.image_size} upsamples them {(info.image_size / side) ** 2:.1f}x in area (and the "
+                f"cost of every step with them). Leave crop_size unset to use them at {side} px.",
+                stacklevel=2,
+            )
+    train_tf, plain = folder_transforms(info, augmentation if augment else "none", imagenet)
+    loader = _Loader(info.in_channels)
+    train_full = datasets.ImageFolder(root / "train", transform=train_tf, loader=loader)
+    eval_full = datasets.ImageFolder(root / "train", transform=plain, loader=loader)
+    test = datasets.ImageFolder(root / "val", transform=plain, loader=loader)
     train_idx, val_idx = split_indices(len(train_full), val_fraction, seed)
     return Subset(train_full, train_idx), Subset(eval_full, val_idx), test
 

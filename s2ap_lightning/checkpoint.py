@@ -24,6 +24,13 @@ class CheckpointError(RuntimeError):
 def load_file(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that name the file."""
     path = Path(path)
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(held[:8]) + (f", ... ({len(held)} entries)" if len(held) > 8 else "")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory, not a file; it holds: {shown or 'nothing'}. "
+            "Pass a checkpoint file inside it (e.g. best.ckpt)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

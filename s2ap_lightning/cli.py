@@ -78,6 +78,8 @@ class S2APCLI(LightningCLI):
             self.config[f"{subcommand}.model.init_args.{key}"] = value
 
     def _preflight(self) -> None:
+        # The data first: a split too small or a folder that cannot be read fails before any write.
+        self.datamodule.setup(self.subcommand)
         self.model.preflight(self.trainer, self.subcommand)
         if self.subcommand == "fit":
             self._refuse_overwrite()

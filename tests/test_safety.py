@@ -93,6 +93,17 @@ BAD = [
     (["--model.aa_images", "-1"], r"aa_images=-1 is out of range"),
     (["--data.test_subset", "-5"], r"test_subset=-5 must be >= 0"),
     (["--ckpt_path", "/no/such/last.ckpt"], r"checkpoint '/no/such/last.ckpt' does not exist"),
+    (["--model.eps", "8"], r"eps=8.0 is out of range: valid range is \[0.0, 1.0\]"),
+    (["--model.step_size", "2"], r"step_size=2.0 is out of range: valid range is \[0.0, 1.0\]"),
+    (["--data.val_fraction", "0.001"], r"val_fraction=0.001 leaves no validation image of 410.*>= 0.00244"),
+    (
+        ["--model.init_from", "/"],
+        r"checkpoint '/' is a directory, not a file; it holds: .*Pass a checkpoint file",
+    ),
+    (["--data.augmentation", "mixup"], r"augmentation='mixup' is unknown; valid: auto, none, crop"),
+    (["--data.channels", "2"], r"channels=2 is not supported; valid: 1 \(greyscale\), 3 \(colour\)"),
+    (["--model.aa_version", "fast"], r"aa_version='fast' is unknown; valid: standard, plus, rand"),
+    (["--model.check_tolerance", "1"], r"check_tolerance=1.0 is out of range: valid range is \[0.0, 1.0\)"),
 ]
 
 

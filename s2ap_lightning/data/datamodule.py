@@ -150,6 +150,12 @@ class RobustDataModule(L.LightningDataModule):
                 hp.dataset, hp.data_dir, hp.val_fraction, hp.split_seed, hp.augment, False, hp.svhn_extra
             )
         self.train_set, self.val_set, self.test_set = splits
+        if len(self.val_set) < 1:
+            n = len(self.train_set) + len(self.val_set)
+            raise ValueError(
+                f"val_fraction={hp.val_fraction} leaves no validation image of {n}: best.ckpt is chosen on "
+                f"validation robust accuracy, so at least 1 image is needed (val_fraction >= {1 / n:.3g})"
+            )
         self.test_subset_info = None
         if hp.test_subset:
             labels = dataset_labels(self.test_set)

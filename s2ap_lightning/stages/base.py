@@ -158,6 +158,15 @@ class RobustTask(L.LightningModule):
         check_range("check_tolerance", hp.check_tolerance, 0.0, 1.0, high_open=True)
         if hp.aa_version not in AA_VERSIONS:
             raise ValueError(f"aa_version={hp.aa_version!r} is unknown; valid: {', '.join(AA_VERSIONS)}")
+        if hp.norm == "linf":
+            # Inputs are images in [0, 1]: an L-inf budget above 1 allows any image at all.
+            check_range("eps", hp.eps, 0.0, 1.0)
+            check_range("step_size", hp.step_size, 0.0, 1.0)
+            if hp.eps > 0 and hp.step_size > hp.eps:
+                rank_zero_warn(
+                    f"step_size={hp.step_size:g} is larger than eps={hp.eps:g}: every PGD step jumps to "
+                    "the corners of the L-inf ball (common choices: eps/4 for PGD-10, 2.5 * eps / steps)"
+                )
         self.train_attack = AttackConfig(hp.eps, hp.step_size, hp.attack_steps, hp.norm)
         self.eval_attack = AttackConfig(hp.eps, hp.step_size, hp.eval_pgd_steps, hp.norm)
 

@@ -101,6 +101,11 @@ class ScoreSpaceSAMPruner(RobustTask):
         hp = self.hparams
         check_range("sparsity", hp.sparsity, 0.0, 1.0, low_open=True, high_open=True)
         check_range("gamma", hp.gamma, 0.0, None)
+        if hp.gamma > 0.5:
+            rank_zero_warn(
+                f"gamma={hp.gamma:g} is very large: the score perturbation is more than half of each "
+                "layer's score norm (the paper sweeps 0.001 to 0.1)"
+            )
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
         check_range("size_loss_weight", hp.size_loss_weight, 0.0, None)
         if hp.rate_bound is not None:

@@ -145,12 +145,16 @@ def test_s2ap_on_harp_perturbs_scores_only(fast_kwargs, trainer_factory, monkeyp
     assert seen and all(keys == set(pruner.scores.names) for keys in seen)
 
 
-def test_harp_size_weight_grows_linearly_then_freezes(fast_kwargs):
-    pruner = harp_pruner(fast_kwargs, size_loss_weight=0.5)  # target density 0.2
+def test_harp_size_weight_grows_linearly_then_freezes():
+    # The method object alone: no LightningModule, no Trainer.
+    from s2ap_lightning.pruning.methods import Harp
+
+    harp = Harp(build_model("small_cnn", 4, 3), 0.8, size_loss_weight=0.5)  # target density 0.2
     seen = []
     for epoch, density in enumerate([0.19, 0.35, 0.25, 0.20, 0.30, 0.10]):
-        pruner.update_size_weight(density, epoch)
-        seen.append((float(pruner.size_weight), bool(pruner.size_weight_frozen)))
+        logged = harp.end_of_epoch(density, epoch)
+        seen.append((float(harp.size_weight), bool(harp.size_weight_frozen)))
+        assert logged == {"prune/size_weight": seen[-1][0]}
     assert seen == [
         (1.0, False),  # under the target from the start: not "met" yet, the weight keeps growing
         (1.5, False),
@@ -213,7 +217,7 @@ def test_harp_final_density_meets_target(pretrained_digits, tmp_path, sparsity, 
     target = 1.0 - sparsity
 
     assert abs(pruner.scores.density(pruner.scores.masks()) - target) <= 0.005
-    assert bool(pruner.size_weight_frozen), "the size-loss weight froze once the target was met"
+    assert bool(pruner.scores.size_weight_frozen), "the size-loss weight froze once the target was met"
     counts = pruner.scores.kept_counts()
     assert len({round(c / s.numel(), 3) for (_, s), c in zip(pruner.scores.items(), counts.values())}) > 1, (
         "HARP learns different rates per layer"
@@ -253,16 +257,63 @@ def test_harp_size_weight_grows_until_target_then_freezes(fast_kwargs, synthetic
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert float(pruner.size_weight) == pytest.approx(1.0) and not bool(pruner.size_weight_frozen)
+    assert float(pruner.scores.size_weight) == pytest.approx(1.0) and not bool(
+        pruner.scores.size_weight_frozen
+    )
     with torch.no_grad():
         for r in pruner.scores.rates.values():
             r.fill_(-5.0)
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert bool(pruner.size_weight_frozen)
-    frozen = float(pruner.size_weight)
+    assert bool(pruner.scores.size_weight_frozen)
+    frozen = float(pruner.scores.size_weight)
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert float(pruner.size_weight) == frozen
+    assert float(pruner.scores.size_weight) == frozen
+
+
+def test_harp_budget_band_and_warning_without_a_trainer():
+    from s2ap_lightning.pruning.methods import Harp, Hydra
+
+    harp = Harp(build_model("small_cnn", 4, 3), 0.9, density_tolerance=0.01)
+    assert harp.in_band(0.1) and harp.in_band(0.095) and not harp.in_band(0.085) and not harp.in_band(0.12)
+    assert harp.within_budget(), "the rates start at the target"
+    assert "never ended an epoch in [0.09, 0.1]" in harp.end_of_search_warning()
+    harp.end_of_epoch(0.1, 0)
+    assert harp.end_of_search_warning() is None and float(harp.extra_loss()) == pytest.approx(0.0, abs=1e-5)
+    hydra = Hydra(build_model("small_cnn", 4, 3), 0.9)
+    assert hydra.extra_loss() is None and hydra.within_budget() and hydra.end_of_epoch(0.1, 0) == {}
+
+
+def test_checkpoints_with_the_schedule_on_the_stage_still_load(fast_kwargs, tmp_path):
+    """Before the methods owned their state, HARP's buffers sat on the stage (HYDRA's too)."""
+    for method in ("hydra", "harp"):
+        pruner = ScoreSpaceSAMPruner(base_method=method, sparsity=0.8, **fast_kwargs)
+        state = pruner.state_dict()
+        legacy = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("scores.size") and "budget_met" not in k and "size_above" not in k
+        }
+        legacy.update(
+            {
+                k: torch.tensor(2.5 if k == "size_weight" else False)
+                for k in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met")
+            }
+        )
+        path = tmp_path / f"{method}.ckpt"
+        import lightning
+
+        torch.save(
+            {
+                "state_dict": legacy,
+                "hyper_parameters": dict(pruner.hparams),
+                "pytorch-lightning_version": lightning.__version__,
+            },
+            path,
+        )
+        loaded = ScoreSpaceSAMPruner.load_from_checkpoint(path, weights_only=True)
+        if method == "harp":
+            assert float(loaded.scores.size_weight) == 2.5

@@ -43,7 +43,7 @@ from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_a
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
-from s2ap_lightning.pruning.scores import BASE_METHODS
+from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 
 LAUNCHERS = ("local", "slurm", "submitit_local")

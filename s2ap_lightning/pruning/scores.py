@@ -22,8 +22,8 @@ from s2ap_lightning.pruning.masks import (
     topk_masks,
 )
 
-#: Score-based base methods S2AP plugs into.
-BASE_METHODS = ("hydra", "harp")
+#: Pruning scopes of HYDRA's top-k: per layer (the paper's) or one threshold across layers.
+SCOPES = ("layer", "global")
 
 
 def prunable_weight_names(model: nn.Module) -> list[str]:
@@ -73,8 +73,8 @@ class ScoreSet(nn.Module):
         super().__init__()
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"sparsity={sparsity!r} is out of range: it must lie in (0, 1)")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope={scope!r} is unknown; valid: layer, global")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is unknown; valid: {', '.join(SCOPES)}")
         if not 0.0 <= min_layer_keep <= 1.0 - sparsity:
             raise ValueError(
                 f"min_layer_keep={min_layer_keep} is out of range: valid range is [0, {1 - sparsity:g}]"

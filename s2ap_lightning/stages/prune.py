@@ -23,8 +23,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
 from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
-from s2ap_lightning.pruning.scores import BASE_METHODS, RATE_GRADS, HarpScoreSet, ScoreSet, masked_forward
+from s2ap_lightning.pruning.scores import masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -43,24 +44,15 @@ class ScoreSpaceSAMPruner(RobustTask):
             (HYDRA's default is False: affine parameters train, running statistics update).
         ascent_sync: under data parallelism, synchronise the pass-1 gradient (a global ascent
             direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
-        base_method: ``hydra`` (per-layer rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate
-            per layer, pushed to the overall target by a size loss). S2AP perturbs the scores only.
-        size_loss_weight: HARP's size-loss weight per epoch: ``size_loss_weight * (epoch + 1)`` in
-            epoch ``epoch`` (from 0), HARP's step-wise incremental weight, until the density target is
-            met; from then on it stays. HARP's own runs use 0.01 (CIFAR-10) and 0.1 (ImageNet) with
-            their models; 1.0 is the default of HARP's code.
-        rate_grad: which scalar HARP's summed mask gradient is the gradient of: ``logit`` (the
-            learnable ``r``, the method reference's wording) or ``keep`` (the keep fraction, chained
-            through the sigmoid, as HARP's code); see :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`.
-        rate_bound: HARP's rates are clamped to ``[-rate_bound, rate_bound]`` after every step so a
-            layer's sigmoid cannot saturate out of the size loss's reach (``None``: no clamp; see
-            :class:`~s2ap_lightning.pruning.scores.HarpScoreSet`).
-        density_tolerance: HARP's best checkpoint is chosen among the epochs whose density lies in
-            ``[target - density_tolerance, target]``: never over the budget (as HARP selects), and not
-            so far under it that the row compares a different sparsity.
-        scope: ``layer`` (the paper's per-layer top-k) or ``global`` (one threshold across layers).
-        min_layer_keep: with ``scope: global``, the fraction of every layer always kept.
-
+        base_method: a name in :data:`s2ap_lightning.pruning.methods.METHODS`: ``hydra`` (per-layer
+            rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate per layer, pushed to the
+            overall target by a size loss). S2AP perturbs the scores only.
+        size_loss_weight: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
+        rate_grad: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
+        rate_bound: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
+        density_tolerance: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
+        scope: HYDRA option, see :class:`~s2ap_lightning.pruning.methods.Hydra`.
+        min_layer_keep: HYDRA option, see :class:`~s2ap_lightning.pruning.methods.Hydra`.
         lr: score learning rate (HYDRA: 0.1).
         **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
 
@@ -86,13 +78,6 @@ class ScoreSpaceSAMPruner(RobustTask):
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
-        # HARP's size-loss weight grows per epoch until the density target is met, then stays; the
-        # buffers go into checkpoints so a resumed search continues the same schedule.
-        self.register_buffer("size_weight", torch.tensor(float(size_loss_weight)))
-        self.register_buffer("size_weight_frozen", torch.tensor(False))
-        self.register_buffer("size_above_target", torch.tensor(False))
-        self.register_buffer("budget_met", torch.tensor(False))
-
         self._eval_weights: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------- configuration
@@ -107,19 +92,12 @@ class ScoreSpaceSAMPruner(RobustTask):
                 "layer's score norm (the paper sweeps 0.001 to 0.1)"
             )
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
-        check_range("size_loss_weight", hp.size_loss_weight, 0.0, None)
-        if hp.rate_bound is not None:
-            check_range("rate_bound", hp.rate_bound, 0.0, None, low_open=True)
-        check_range("density_tolerance", hp.density_tolerance, 0.0, 1.0)
-        if hp.rate_grad not in RATE_GRADS:
-            raise ValueError(f"rate_grad={hp.rate_grad!r} is unknown; valid: {', '.join(RATE_GRADS)}")
+        check_method_options(hp.base_method, self.method_options())
 
-        if hp.base_method not in BASE_METHODS:
-            raise ValueError(f"base_method={hp.base_method!r} is unknown; valid: {', '.join(BASE_METHODS)}")
-        if hp.scope not in ("layer", "global"):
-            raise ValueError(f"scope={hp.scope!r} is unknown; valid: layer, global")
-        if hp.base_method == "harp" and hp.scope != "layer":
-            raise ValueError("scope='global' does not apply to base_method='harp' (its rates set each layer)")
+    def method_options(self) -> dict[str, Any]:
+        """The options the base method reads (it validates and documents them)."""
+        keys = ("sparsity", "scope", "min_layer_keep", "size_loss_weight", "rate_grad", "rate_bound")
+        return {k: self.hparams[k] for k in (*keys, "density_tolerance")}
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -129,12 +107,9 @@ class ScoreSpaceSAMPruner(RobustTask):
             # Weights and biases are frozen; BatchNorm affine parameters train unless freeze_bn.
             param.requires_grad_(isinstance(module, _BN) and not self.hparams.freeze_bn)
 
-    def make_scores(self) -> ScoreSet:
-        """The score container of the base method (HARP adds learnt per-layer rates)."""
-        hp = self.hparams
-        if hp.base_method == "harp":
-            return HarpScoreSet(self.model, hp.sparsity, rate_grad=hp.rate_grad, rate_bound=hp.rate_bound)
-        return ScoreSet(self.model, hp.sparsity, scope=hp.scope, min_layer_keep=hp.min_layer_keep)
+    def make_scores(self) -> BaseMethodHooks:
+        """The base method: its scores and masks, its own state and hooks (``pruning.methods``)."""
+        return build_method(self.hparams.base_method, self.model, self.method_options())
 
     def setup(self, stage: str) -> None:
         restored = self._restored
@@ -178,8 +153,15 @@ class ScoreSpaceSAMPruner(RobustTask):
                     f"{key}={self.hparams[key]!r} does not match the checkpoint's {key}={saved[key]!r}: "
                     f"the mask would differ from the searched one. Pass --model.{key} {saved[key]}"
                 )
+        state = checkpoint.get("state_dict") or {}
+        for key in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met"):
+            # Checkpoints written before the base methods owned their state kept HARP's schedule
+            # on the stage; it now lives with the method (and HYDRA has none).
+            if key in state:
+                value = state.pop(key)
+                if f"scores.{key}" in self.state_dict():
+                    state[f"scores.{key}"] = value
         super().on_load_checkpoint(checkpoint)
-
         self._eval_weights = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -207,8 +189,9 @@ class ScoreSpaceSAMPruner(RobustTask):
     def _loss(self, masks: Mapping[str, Tensor], x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
         weights = self.scores.effective_weights(self.model, masks, differentiable=True)
         out = self.robust_loss(lambda inp: masked_forward(self.model, weights, inp), x, x_adv, y)
-        if isinstance(self.scores, HarpScoreSet):
-            out.loss = out.loss + self.size_weight * self.scores.size_loss()
+        extra = self.scores.extra_loss()
+        if extra is not None:
+            out.loss = out.loss + extra
         return out
 
     def _rank_local(self) -> contextlib.AbstractContextManager:
@@ -260,8 +243,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         self.log_training(out, y, lambda: masked_forward(self.model, at_s, x))
 
         opt.step()
-        if isinstance(self.scores, HarpScoreSet):
-            self.scores.clamp_rates_()
+        self.scores.after_optimizer_step()
         self._eval_weights = None
 
         return out.loss.detach()
@@ -283,62 +265,18 @@ class ScoreSpaceSAMPruner(RobustTask):
         density = self.scores.density(masks)
 
         self.log("prune/density", density)
-        if isinstance(self.scores, HarpScoreSet):
-            self.update_size_weight(density, self.current_epoch)
-            self.log("prune/size_weight", self.size_weight)
-            if self._in_band(density):
-                self.budget_met.fill_(True)
+        for name, value in self.scores.end_of_epoch(density, self.current_epoch).items():
+            self.log(name, value)
         super().on_train_epoch_end()
 
     def on_train_end(self) -> None:
-        if isinstance(self.scores, HarpScoreSet) and not bool(self.budget_met):
-            target, tol = self.scores.target, self.hparams.density_tolerance
-            rank_zero_warn(
-                f"HARP's density never ended an epoch in [{target - tol:g}, {target:g}] (now "
-                f"{self.scores.density(self.scores.masks()):.4f}): the best checkpoint only takes epochs "
-                "within that band, so there is none. Raise size_loss_weight or search for more epochs."
-            )
-
-    def update_size_weight(self, density: float, epoch: int) -> None:
-        """HARP's schedule after epoch ``epoch``: grow the weight linearly until the target is met.
-
-        The rates start at the target, so "met" means back at or under it after having exceeded it
-        (the robust loss first pulls the rates up); HARP's runs start above the target, where the two
-        readings agree.
-        """
-        if bool(self.size_weight_frozen):
-            return
-        if self._over_budget(density):
-            self.size_above_target.fill_(True)
-        elif bool(self.size_above_target):
-            self.size_weight_frozen.fill_(True)
-            return
-        self.size_weight.fill_(self.hparams.size_loss_weight * (epoch + 2))
+        message = self.scores.end_of_search_warning()
+        if message:
+            rank_zero_warn(message)
 
     def within_budget(self) -> bool:
-        """Whether the current mask's density is in ``[target - density_tolerance, target]``.
-
-        Always true for HYDRA, whose per-layer counts are exact. HARP's model selection only
-        considers epochs within the budget, so ``best.ckpt`` never holds a larger mask than asked for
-        (see :class:`~s2ap_lightning.stages.callbacks.BestCheckpoint`).
-        """
-        if not isinstance(self.scores, HarpScoreSet):
-            return True
-        with torch.no_grad():
-            density = self.scores.density(self.scores.masks())
-        return self._in_band(density)
-
-    def _over_budget(self, density: float) -> bool:
-        # Per-layer counts are rounded (as HYDRA's are), which can add up to half a weight per layer.
-        scores = self.scores
-        rounding = 0.5 * len(scores.names) / sum(s.numel() for _, s in scores.items())
-        return density > scores.target + rounding + 1e-12
-
-    def _in_band(self, density: float) -> bool:
-        return (
-            not self._over_budget(density)
-            and density >= self.scores.target - self.hparams.density_tolerance - 1e-9
-        )
+        """Whether this epoch's mask may become ``best.ckpt`` (see ``BestCheckpoint``); the method says."""
+        return self.scores.within_budget()
 
 
 class HydraPruner(ScoreSpaceSAMPruner):

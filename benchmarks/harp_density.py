@@ -45,7 +45,8 @@ class EpochLog(L.Callback):
         m = trainer.callback_metrics
         print(
             f"  epoch {epoch:2d}: density {float(m['prune/density']):.4f}  "
-            f"size weight {float(module.scores.size_weight):6.2f}  frozen {bool(module.scores.size_weight_frozen)!s:5}  "
+            f"size weight {float(module.scores.size_weight):6.2f}  "
+            f"frozen {bool(module.scores.size_weight_frozen)!s:5}  "
             f"val robust acc {float(m.get('val/robust_acc', float('nan'))):.3f}",
             flush=True,
         )

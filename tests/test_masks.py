@@ -108,3 +108,19 @@ def test_batched_topk_selects_what_per_layer_topk_selects(arch):
     batched = topk_masks([s for _, s in items], [counts[n] for n, _ in items])
     for (name, s), m in zip(items, batched):
         assert torch.equal(m, topk_mask(s, counts[name])), name
+
+
+def test_perturbation_is_restored_exactly_even_on_error():
+    from s2ap_lightning.pruning import layerwise_perturbation, perturbed
+
+    torch.manual_seed(0)
+    params = {"a": torch.randn(5, 3), "b": torch.randn(7)}
+    grads = {"a": torch.randn(5, 3), "b": torch.zeros(7)}
+    z = layerwise_perturbation(params, grads, 0.1)
+    assert torch.allclose(z["a"].norm(), 0.1 * params["a"].norm()) and torch.equal(z["b"], torch.zeros(7))
+    before = {k: v.clone() for k, v in params.items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with perturbed(params, z):
+            assert torch.equal(params["a"], before["a"] + z["a"])
+            raise RuntimeError("boom")
+    assert all(torch.equal(params[k], before[k]) for k in params), "restored bit for bit after an error"

@@ -1,4 +1,9 @@
-"""The score-space perturbation of S2AP and the BatchNorm guard of its second pass."""
+"""The layer-wise relative perturbation shared by S2AP (on scores) and AWP (on weights).
+
+``z_l = gamma * ||p_l|| * g_l / (||g_l|| + 1e-12)``: one ascent step of the inner maximisation with
+a radius relative to each layer's own norm, not SAM's single global radius. S2AP applies it to the
+scores, AWP to the weights.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +11,44 @@ import contextlib
 from collections.abc import Iterator, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 #: Added to the gradient norm, as in the method reference, so an all-zero gradient gives ``z = 0``.
 GRAD_NORM_EPS = 1e-12
 
 
 @torch.no_grad()
-def score_perturbation(
-    scores: Mapping[str, Tensor], grads: Mapping[str, Tensor], gamma: float
+def layerwise_perturbation(
+    params: Mapping[str, Tensor], grads: Mapping[str, Tensor], gamma: float
 ) -> dict[str, Tensor]:
-    """One ascent step of the inner maximisation, budgeted per layer.
-
-    ``z_l = gamma * ||s_l|| * g_l / (||g_l|| + 1e-12)``: the radius is relative to each layer's own
-    score norm (as AWP does for weights), not SAM's single global radius.
-    """
+    """``z_l = gamma * ||p_l|| * g_l / (||g_l|| + 1e-12)`` for every layer named in ``grads``."""
     names = list(grads)
     g = [grads[n] for n in names]
     # Multi-tensor kernels: a handful of launches for all layers instead of several per layer, which
     # matters on GPUs where a ResNet-18 step is launch-bound.
-    s_norm = torch.stack(torch._foreach_norm([scores[n].detach() for n in names]))
+    p_norm = torch.stack(torch._foreach_norm([params[n].detach() for n in names]))
     g_norm = torch.stack(torch._foreach_norm(g))
-    factors = (gamma * s_norm / (g_norm + GRAD_NORM_EPS)).unbind()
+    factors = (gamma * p_norm / (g_norm + GRAD_NORM_EPS)).unbind()
     return dict(zip(names, torch._foreach_mul(g, factors), strict=True))
 
 
-@torch.no_grad()
-def add_(scores: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> None:
-    """In place ``s += delta`` for every layer named in ``delta``."""
-    names = list(delta)
-    torch._foreach_add_([scores[n] for n in names], [delta[n] for n in names])
-
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: S2AP's name for it: the perturbation of the scores.
+score_perturbation = layerwise_perturbation
 
 
 @contextlib.contextmanager
-def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """Forward passes inside leave BatchNorm running statistics untouched.
+def perturbed(params: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> Iterator[None]:
+    """``p += delta`` inside the block; on leaving it, even on an error, ``p`` is restored exactly.
 
-    Momentum 0 keeps the running mean and variance (``(1 - 0) * running + 0 * batch``) while batch
-    statistics still normalise, so the second pass sees the same normalisation as the first; the
-    batch counter is restored too. Toggling ``requires_grad`` or eval mode instead would either trip
-    DDP's unused-parameter checks or change the loss being minimised.
+    The originals are copied back rather than ``delta`` subtracted, which could differ in the last bit.
     """
-    layers = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
+    names = list(delta)
+    targets = [params[n] for n in names]
+    with torch.no_grad():
+        originals = [t.detach().clone() for t in targets]
+        torch._foreach_add_(targets, [delta[n] for n in names])
     try:
         yield
     finally:
-        for m, momentum, count in saved:
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
+        with torch.no_grad():
+            torch._foreach_copy_(targets, originals)

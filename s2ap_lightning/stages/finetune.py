@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from s2ap_lightning.checkpoint import stored_masks
-from s2ap_lightning.pruning.perturbation import frozen_bn_statistics
+from s2ap_lightning.models.batchnorm import frozen_bn_statistics
+from s2ap_lightning.pruning.perturbation import layerwise_perturbation
 from s2ap_lightning.pruning.scores import prunable_weight_names
 from s2ap_lightning.stages.base import check_range
 from s2ap_lightning.stages.pretrain import RobustPretrainer
@@ -73,16 +74,17 @@ class MaskedFinetuner(RobustPretrainer):
         weights = {n: p for n, p in self.model.named_parameters() if p.dim() > 1}
         with frozen_bn_statistics(self.model):  # the ascent pass must not move BatchNorm statistics
             ascent = self.robust_loss(self.model, x, x_adv, y).loss
-        grads = torch.autograd.grad(ascent, list(weights.values()))
+        grads = dict(zip(weights, torch.autograd.grad(ascent, list(weights.values())), strict=True))
         masks = dict(self.masks.items())
+        # The same layer-wise relative step as S2AP's, on the weights; pruned weights stay zero.
+        offsets = layerwise_perturbation(weights, grads, hp.awp_gamma)
         with torch.no_grad():
-            self._awp_offsets = {}
-            for (name, w), g in zip(weights.items(), grads, strict=True):
-                v = hp.awp_gamma * w.norm() * g / (g.norm() + 1e-12)
+            for name, v in offsets.items():
                 if name in masks:
-                    v = v * masks[name]
-                w.add_(v)
-                self._awp_offsets[name] = v
+                    v.mul_(masks[name])
+                weights[name].add_(v)
+        # Removed in on_before_optimizer_step: the gradient is taken at w + v, the step made from w.
+        self._awp_offsets = offsets
         out = self.robust_loss(self.model, x, x_adv, y)
         self.log_training(out, y, lambda: self.model(x))
         return out.loss

@@ -20,15 +20,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
-from s2ap_lightning.pruning.perturbation import add_, frozen_bn_statistics, score_perturbation
+from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
 from s2ap_lightning.pruning.scores import masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class ScoreSpaceSAMPruner(RobustTask):
@@ -105,7 +104,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         for name, param in self.model.named_parameters():
             module = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
             # Weights and biases are frozen; BatchNorm affine parameters train unless freeze_bn.
-            param.requires_grad_(isinstance(module, _BN) and not self.hparams.freeze_bn)
+            param.requires_grad_(isinstance(module, BATCHNORM_TYPES) and not self.hparams.freeze_bn)
 
     def make_scores(self) -> BaseMethodHooks:
         """The base method: its scores and masks, its own state and hooks (``pruning.methods``)."""
@@ -206,46 +205,48 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     # ----------------------------------------------------------------- the step
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """One mask-search step: the base method's, or S2AP's steps 1-5 of the method reference."""
         x, y = batch
         opt = self.optimizers()
         if self.hparams.freeze_bn:
-            for m in self.model.modules():
-                if isinstance(m, _BN):
-                    m.eval()
+            for m in batchnorm_layers(self.model):
+                m.eval()
         masks = self.scores.masks()
         at_s = self._frozen(masks)  # once per step: the attack and the clean-accuracy forward share it
+        # Adversarial examples for the masked network at the current scores s.
         x_adv = self._adversarial(at_s, x, y)
         opt.zero_grad()
         if not self.s2ap_active():
-            out = self._loss(masks, x, x_adv, y)
+            out = self._loss(masks, x, x_adv, y)  # the base method: one gradient at s
             self.manual_backward(out.loss)
         else:
+            scores = dict(self.scores.items())
+            # 1. Gradient g of the robust loss at s (rank-local under DDP unless ascent_sync).
             with self._rank_local():
                 first = self._loss(masks, x, x_adv, y)
                 self.manual_backward(first.loss)
-            scores = dict(self.scores.items())
             grads = {n: s.grad.detach().clone() for n, s in scores.items()}
+            # 2. The per-layer ascent z_l = gamma * ||s_l|| * g_l / ||g_l||.
             z = score_perturbation(scores, grads, self.hparams.gamma)
-            original = {n: s.detach().clone() for n, s in scores.items()}
-            add_(scores, z)
             opt.zero_grad()
-            perturbed = self.scores.masks()
-            x_adv2 = (
-                x_adv if self.hparams.reuse_adversarial else self._adversarial(self._frozen(perturbed), x, y)
-            )
-            with frozen_bn_statistics(self.model):
-                out = self._loss(perturbed, x, x_adv2, y)
-                self.manual_backward(out.loss)
-            with torch.no_grad():  # exact restore of s (subtracting z could differ in the last bit)
-                torch._foreach_copy_(list(scores.values()), [original[n] for n in scores])
+            # 3. At s + z (restored exactly on leaving, even on an error): the perturbed mask, the
+            #    adversarial examples (pass 1's, or regenerated) and the gradient of the loss there,
+            #    with BatchNorm statistics left as pass 1 set them.
+            with perturbed(scores, z):
+                perturbed_masks = self.scores.masks()
+                x_adv2 = x_adv
+                if not self.hparams.reuse_adversarial:
+                    x_adv2 = self._adversarial(self._frozen(perturbed_masks), x, y)
+                with frozen_bn_statistics(self.model):
+                    out = self._loss(perturbed_masks, x, x_adv2, y)
+                    self.manual_backward(out.loss)
             self.log("train/loss_pass1", first.loss.detach())
         # Raises on a non-finite loss, before the step. Clean logits under this step's mask.
         self.log_training(out, y, lambda: masked_forward(self.model, at_s, x))
-
+        # 4. The descent from s with the gradient taken at s + z; 5. the method's own after-step.
         opt.step()
         self.scores.after_optimizer_step()
         self._eval_weights = None
-
         return out.loss.detach()
 
     def on_train_epoch_end(self) -> None:

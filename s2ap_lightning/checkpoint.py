@@ -104,6 +104,12 @@ def load_weights(model: nn.Module, path: str | Path) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename over ``path``.
 
@@ -117,6 +123,8 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; a checkpoint should get the permissions any file would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -58,6 +58,16 @@ class S2APCLI(LightningCLI):
         "aa_version",
     )
 
+    def before_instantiate_classes(self) -> None:
+        # Logs, per-epoch masks and the saved config go beside the run's checkpoints, not into
+        # ./lightning_logs of whatever folder the command was started from.
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        dirpath = self.config.get(f"{sub}.checkpoint.dirpath")
+        if dirpath and not self.config.get(f"{sub}.trainer.default_root_dir"):
+            self.config[f"{sub}.trainer.default_root_dir"] = dirpath
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model's arguments with the checkpoint's hyper-parameters when
         # `--ckpt_path` is given, which would silently drop `--model.aa_images 10000` and the like.
@@ -198,6 +208,9 @@ def one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from s2ap_lightning.quiet import silence_known_noise
+
+    silence_known_noise()
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("S2AP_DEBUG", "") not in ("", "0")
     try:

@@ -1,6 +1,7 @@
 """The three stages chained by `init_from` through the real `s2ap` CLI, then export."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,40 @@ def test_export_refuses_to_replace_a_file(chained, tmp_path):
     assert main(["export", str(ft), "--out", str(out)]) == 2
     assert out.read_bytes() == b"keep me"
     assert main(["export", str(ft), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "stages" / "pretrain.yaml"),
+                "--config",
+                str(CONFIGS / "data" / "synthetic.yaml"),
+                "--config",
+                str(CONFIGS / "trainer" / "cpu.yaml"),
+                "--trainer.max_epochs",
+                "2",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--data.synthetic_samples",
+                "64",
+                "--checkpoint.dirpath",
+                "runs/mine",
+            ]
+        )
+    finally:
+        os.umask(old)
+    run = tmp_path / "runs" / "mine"
+    assert not (tmp_path / "lightning_logs").exists(), "nothing written into the working directory"
+    assert list(run.glob("lightning_logs/version_*/config.yaml")), "logs and config beside the checkpoints"
+    assert (run / "best.ckpt").stat().st_mode & 0o777 == 0o644, "checkpoints follow the umask"
+    out = capsys.readouterr().out
+    assert (
+        "RobustPretrainer epoch 1/2" in out
+        and "RobustPretrainer epoch 2/2" in out
+        and "val/robust_acc" in out
+    )

@@ -38,6 +38,7 @@ from s2ap_lightning.evaluation.autoattack import AA_VERSIONS
 from s2ap_lightning.evaluation.record import git_commit, plain
 from s2ap_lightning.models import MODELS, build_model
 from s2ap_lightning.pruning.scores import masked_forward
+from s2ap_lightning.stages.callbacks import EpochSummary
 
 
 def check_range(
@@ -226,6 +227,11 @@ class RobustTask(L.LightningModule):
         if self.hparams.channels_last and batch[0].dim() == 4:
             return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
         return batch
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        if any(isinstance(c, EpochSummary) for c in self.trainer.callbacks):
+            return []
+        return [EpochSummary()]
 
     def on_init_from(self, checkpoint: Any) -> None:
         """Hook for stages that take more than the weights from the previous stage."""

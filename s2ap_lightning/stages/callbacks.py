@@ -51,3 +51,20 @@ def checkpoint_callbacks(
         BestCheckpoint(dirpath=dirpath, **BEST),
         ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every_n_train_steps, **LAST),
     ]
+
+
+class EpochSummary(L.Callback):
+    """One line per epoch when the progress bar is off (batch jobs, SLURM logs, `progress: false`).
+
+    Without a bar a run would otherwise print nothing between start and end; with one, this is silent.
+    """
+
+    KEYS = ("train/loss", "train/robust_acc", "val/clean_acc", "val/robust_acc", "prune/density")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.progress_bar_callback is not None or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        print(f"{type(pl_module).__name__} epoch {trainer.current_epoch + 1}/{total}  {shown}", flush=True)

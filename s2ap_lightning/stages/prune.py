@@ -136,9 +136,10 @@ class ScoreSpaceSAMPruner(RobustTask):
         from s2ap_lightning.analysis.stability import MaskStabilityCallback
 
         # A tracker the user configured (with its own folder) wins over the default one.
+        extra = super().configure_callbacks()
         if any(isinstance(c, MaskStabilityCallback) for c in self.trainer.callbacks):
-            return []
-        return [MaskStabilityCallback()]
+            return extra
+        return [*extra, MaskStabilityCallback()]
 
     #: Hyper-parameters that define the mask: a checkpoint restored under other values would be
     #: evaluated or resumed with a different mask than the one it was searched with.

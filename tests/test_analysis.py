@@ -54,6 +54,37 @@ def test_score_space_sharpness_leaves_model_untouched(pruner):
         assert torch.equal(v, state[k]), k
 
 
+@pytest.mark.parametrize("loss", ["trades", "mart"])
+def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
+    import torch.nn.functional as F
+
+    from s2ap_lightning.analysis.objective import fixed_adversarial
+    from s2ap_lightning.attacks.pgd import eval_mode
+    from s2ap_lightning.pruning.masks import straight_through, topk_mask
+    from s2ap_lightning.pruning.scores import masked_forward
+
+    torch.manual_seed(0)
+    pruner = ScoreSpaceSAMPruner(sparsity=0.7, robust_loss=loss, beta=6.0, **fast_kwargs)
+    with torch.no_grad():  # peaked outputs, so clean and adversarial predictions differ
+        pruner.model.classifier.weight.mul_(30)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    report = score_space_sharpness(pruner, x, y, gamma=0.05, max_iter=3, seed=3)
+    # By hand: the loss's own adversary at s, then that loss of w * M(s) in eval mode.
+    x_adv = fixed_adversarial(pruner, x, y, seed=3)
+    params = dict(pruner.model.named_parameters())
+    counts = pruner.scores.kept_counts()
+    weights = {
+        n: params[n].detach() * straight_through(topk_mask(s, counts[n]), s) for n, s in pruner.scores.items()
+    }
+    with eval_mode(pruner.model):
+        expected = pruner.robust_loss(
+            lambda inp: masked_forward(pruner.model, weights, inp), x, x_adv, y
+        ).loss
+        plain_ce = F.cross_entropy(masked_forward(pruner.model, weights, x_adv), y)
+    assert report.loss == pytest.approx(float(expected), rel=1e-5)
+    assert abs(report.loss - float(plain_ce)) > 1e-3, "not the plain cross-entropy"
+
+
 def test_landscape_centre_is_the_unperturbed_loss(pruner, tmp_path):
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
     one = landscape_1d(pruner, x, y, alphas=[-0.5, 0.0, 0.5])

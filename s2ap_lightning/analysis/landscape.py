@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from s2ap_lightning.analysis.objective import fixed_adversarial, robust_loss_at
 from s2ap_lightning.analysis.plotting import subplots
-from s2ap_lightning.attacks.pgd import eval_mode, pgd_ce
-from s2ap_lightning.pruning.masks import topk_mask
-from s2ap_lightning.pruning.scores import masked_forward
+from s2ap_lightning.attacks.pgd import eval_mode
 
 
 def random_direction(scores: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
@@ -70,41 +68,31 @@ class Landscape:
         fig.savefig(path, dpi=120)
 
 
-def _grid_loss(pruner, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]) -> tuple[list, list]:
-    model, scores = pruner.model, pruner.scores
-    params = dict(model.named_parameters())
-    counts = scores.kept_counts()
-    base = {n: topk_mask(s, counts[n]) for n, s in scores.items()}
-    losses, flips = [], []
-    with torch.no_grad(), eval_mode(model):
+def _grid_loss(
+    pruner, x: Tensor, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]
+) -> tuple[list, list]:
+    """The search's robust loss at ``s + offset`` (masks by the base method) and the mask flips."""
+    scores = {n: s.detach() for n, s in pruner.scores.items()}
+    with torch.no_grad(), eval_mode(pruner.model):
+        base = pruner.scores.masks()
+        losses, flips = [], []
         for off in offsets:
-            weights, flipped = {}, 0
-            for name, s in scores.items():
-                m = topk_mask(s.detach() + off[name], counts[name])
-                flipped += int((m != base[name]).sum())
-                weights[name] = params[name].detach() * m
-            losses.append(float(F.cross_entropy(masked_forward(model, weights, x_adv), y)))
-            flips.append(flipped)
+            point = {n: s + off[n] for n, s in scores.items()}
+            loss, masks = robust_loss_at(pruner, point, x, x_adv, y, differentiable=False)
+            losses.append(float(loss))
+            flips.append(sum(int((masks[n] != base[n]).sum()) for n in scores))
     return losses, flips
-
-
-def _adversarial(pruner, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    torch.manual_seed(seed)
-    with eval_mode(pruner.model), torch.enable_grad():
-        masks = pruner.scores.masks()
-        frozen = pruner.scores.effective_weights(pruner.model, masks, differentiable=False)
-        return pgd_ce(lambda inp: masked_forward(pruner.model, frozen, inp), x, y, pruner.train_attack)
 
 
 def landscape_1d(
     pruner, x: Tensor, y: Tensor, alphas: Sequence[float] = tuple(np.linspace(-1, 1, 21)), seed: int = 0
 ) -> Landscape:
     """Robust loss of ``w * M(s + a * d)`` for a random per-layer-normalised direction ``d``."""
-    x_adv = _adversarial(pruner, x, y, seed)
+    x_adv = fixed_adversarial(pruner, x, y, seed)
     scores = {n: s.detach() for n, s in pruner.scores.items()}
     d = random_direction(scores, seed)
     offsets = [{n: a * d[n] for n in scores} for a in alphas]
-    loss, flips = _grid_loss(pruner, x_adv, y, offsets)
+    loss, flips = _grid_loss(pruner, x, x_adv, y, offsets)
     return Landscape(list(map(float, alphas)), None, np.array(loss), np.array(flips), {"n_images": len(x)})
 
 
@@ -118,11 +106,11 @@ def landscape_2d(
 ) -> Landscape:
     """Robust loss on the plane spanned by two random per-layer-normalised directions."""
     betas = list(alphas) if betas is None else list(betas)
-    x_adv = _adversarial(pruner, x, y, seed)
+    x_adv = fixed_adversarial(pruner, x, y, seed)
     scores = {n: s.detach() for n, s in pruner.scores.items()}
     d1, d2 = random_direction(scores, seed), random_direction(scores, seed + 1)
     offsets = [{n: a * d1[n] + b * d2[n] for n in scores} for a in alphas for b in betas]
-    loss, flips = _grid_loss(pruner, x_adv, y, offsets)
+    loss, flips = _grid_loss(pruner, x, x_adv, y, offsets)
     shape = (len(alphas), len(betas))
     return Landscape(
         list(map(float, alphas)),

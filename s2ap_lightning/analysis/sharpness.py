@@ -12,12 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from s2ap_lightning.attacks.pgd import eval_mode, pgd_ce
+from s2ap_lightning.analysis.objective import fixed_adversarial, robust_loss_at
+from s2ap_lightning.attacks.pgd import eval_mode
 from s2ap_lightning.pruning.perturbation import score_perturbation
-from s2ap_lightning.pruning.scores import masked_forward
 
 
 @dataclass
@@ -103,23 +102,12 @@ def score_space_sharpness(
     """
     model, scores = pruner.model, pruner.scores
     names = list(scores.names)
-    torch.manual_seed(seed)
+    x_adv = fixed_adversarial(pruner, x, y, seed)
     with eval_mode(model):
-        masks = scores.masks()
-        frozen = scores.effective_weights(model, masks, differentiable=False)
-        with torch.enable_grad():
-            x_adv = pgd_ce(lambda inp: masked_forward(model, frozen, inp), x, y, pruner.train_attack)
-        params = dict(model.named_parameters())
-        counts = scores.kept_counts()
 
         def robust_loss(score_list: Sequence[Tensor]) -> Tensor:
-            from s2ap_lightning.pruning.masks import straight_through, topk_mask
-
-            weights = {}
-            for name, s in zip(names, score_list, strict=True):
-                m = topk_mask(s, counts[name])
-                weights[name] = params[name].detach() * straight_through(m, s)
-            return F.cross_entropy(masked_forward(model, weights, x_adv), y)
+            point = dict(zip(names, score_list, strict=True))
+            return robust_loss_at(pruner, point, x, x_adv, y)[0]
 
         with torch.enable_grad():
             eig = hessian_max_eigenvalue(robust_loss, [scores[n] for n in names], max_iter, tol, seed)

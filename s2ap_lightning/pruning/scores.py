@@ -162,6 +162,27 @@ class ScoreSet(nn.Module):
             out[name] = weight * (straight_through(mask, score) if differentiable else mask)
         return out
 
+    def weights_at(
+        self, model: nn.Module, point: Mapping[str, Tensor], differentiable: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(w * M(point), M(point))`` at scores ``point`` (layer name -> tensor).
+
+        The masks come from this method's own rule (HARP's learnt rates included); the stored scores
+        are not touched. The analyses (sharpness, landscapes) take the loss at other score points
+        through this, so they never re-implement the mask.
+        """
+        params = {f"scores.{_key(n)}": t for n, t in point.items()}
+
+        def at_point() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+            masks = self.masks()
+            return self.effective_weights(model, masks, differentiable), masks
+
+        return functional_call(self, params, (), {"_thunk": at_point}, strict=False)
+
+    def forward(self, _thunk: object = None) -> object:
+        # functional_call's entry point: runs ``_thunk`` with the substituted scores (weights_at).
+        return _thunk()
+
     def density(self, masks: Mapping[str, Tensor]) -> float:
         """Fraction of prunable weights kept."""
         kept = sum(float(m.sum()) for m in masks.values())

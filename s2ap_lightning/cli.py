@@ -155,7 +155,7 @@ def _study(argv: list[str]) -> int:
 
 def _analysis(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        from s2ap_lightning.analysis.commands import COMMANDS
+        from s2ap_lightning.tools import COMMANDS
 
         return COMMANDS[name](argv)
 

@@ -1,4 +1,4 @@
-"""The analysis commands of ``s2ap``: hamming, sharpness, landscape, security, report.
+"""The analysis tools of ``s2ap`` (hamming, sharpness, landscape, security, report, pick): the CLI layer.
 
 Each reads checkpoints with ``weights_only=True`` and uses a fixed subset of a split (validation by
 default) of the dataset the checkpoint was trained on, unless told otherwise.

@@ -177,20 +177,25 @@ def security_command(argv: list[str]) -> int:
 
 
 def report_command(argv: list[str]) -> int:
-    from s2ap_lightning.analysis.report import write_report
+    from s2ap_lightning.analysis.report import write_records_report, write_report
 
     parser = argparse.ArgumentParser(
         prog="s2ap report",
         description=(
-            "Turn a runs folder (results.csv plus one folder per method and sparsity, as the demo "
-            "writes) into report.md with PNG plots."
+            "Turn a runs folder into report.md with PNG plots: the demo's results.csv, or else every "
+            "evaluation record (*.eval.json) that `s2ap test` wrote under the folder."
         ),
     )
     parser.add_argument("runs", nargs="?", default="runs/demo")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report.md")
     args = parser.parse_args(argv)
-    refuse_existing(Path(args.runs) / "report.md", args.overwrite)
-    print(f"written {write_report(Path(args.runs))}")
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs} is not a folder; pass the folder holding the runs to report on")
+    refuse_existing(runs / "report.md", args.overwrite)
+    # The demo's results.csv when there is one, else every `s2ap test` record under the folder.
+    path = write_report(runs) if (runs / "results.csv").is_file() else write_records_report(runs)
+    print(f"written {path}")
     return 0
 
 

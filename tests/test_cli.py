@@ -316,3 +316,16 @@ def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeyp
         and "RobustPretrainer epoch 2/2" in out
         and "val/robust_acc" in out
     )
+
+
+def test_report_from_any_runs_test_records(chained, tmp_path):
+    tmp, _, prune, ft = chained
+    run_test_subcommand("s2ap.yaml", prune, tmp / "test_prune", "--model.aa_images", "0")
+    run_test_subcommand("finetune.yaml", ft, tmp / "test_ft", "--model.aa_images", "0")
+    assert cli("report", str(tmp), "--overwrite") == 0
+    text = (tmp / "report.md").read_text()
+    assert "`s2ap/best.eval.json` | ScoreSpaceSAMPruner | hydra | 0.8 |" in text
+    assert "`finetune/best.eval.json` | MaskedFinetuner |" in text
+    with pytest.raises(FileNotFoundError, match=r"holds no evaluation records .*s2ap test --ckpt_path"):
+        cli("report", str(tmp_path))
+    assert main(["report", str(tmp)]) == 2, "an existing report.md is not replaced without --overwrite"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,82 @@ def write_report(runs: Path) -> Path:
     out = runs / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def find_records(folder: Path) -> list[Path]:
+    """Every evaluation record ``s2ap test`` wrote under ``folder`` (``*.eval.json``, ``eval.json``)."""
+    return sorted({*folder.rglob("*.eval.json"), *folder.rglob("eval.json")})
+
+
+def write_records_report(folder: Path) -> Path:
+    """``report.md`` from the JSON records ``s2ap test`` wrote anywhere under ``folder``.
+
+    One row per record: what was evaluated, the figures with the images behind them, and whether the
+    gradient-masking checks passed. Accuracy against sparsity is plotted when records span sparsities.
+    """
+    paths = find_records(folder)
+    if not paths:
+        raise FileNotFoundError(
+            f"{folder} holds no evaluation records (*.eval.json written by `s2ap test`) and no results.csv "
+            "(written by `s2ap demo`); evaluate a checkpoint with `s2ap test --ckpt_path ...` first"
+        )
+    rows = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        hp = rec.get("hyper_parameters") or {}
+        rows.append(
+            {
+                "record": str(path.relative_to(folder)),
+                "stage": rec.get("stage"),
+                "base_method": hp.get("base_method", ""),
+                "sparsity": hp.get("sparsity"),
+                "gamma": hp.get("gamma"),
+                **{k: rec.get(k) for k in ("clean_acc", "pgd_acc", "aa_acc", "n_images", "n_aa_images")},
+                "passed": rec.get("all_checks_passed"),
+            }
+        )
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    lines = [
+        f"# Evaluation records under `{folder}`",
+        "",
+        f"{len(rows)} record(s); accuracies in %. Generated {time.strftime('%Y-%m-%d %H:%M')} "
+        f"(project commit {git_commit()}).",
+        "",
+        "| record | stage | method | sparsity | gamma | clean | PGD | AutoAttack | images (AA) | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            f"`{r['record']}`",
+            str(r["stage"]),
+            str(r["base_method"] or "-"),
+            "-" if r["sparsity"] is None else f"{r['sparsity']:g}",
+            "-" if r["gamma"] is None else f"{r['gamma']:g}",
+            pct(r["clean_acc"]),
+            pct(r["pgd_acc"]),
+            pct(r["aa_acc"]),
+            f"{r['n_images']} ({r['n_aa_images']})",
+            "ok" if r["passed"] else "FAILED",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    sparse = [r for r in rows if r["sparsity"] is not None and r["pgd_acc"] is not None]
+    if len({r["sparsity"] for r in sparse}) > 1:
+        fig, ax = subplots(figsize=(5, 3.5))
+        for gamma_on in (False, True):
+            pts = sorted((r["sparsity"], r["pgd_acc"]) for r in sparse if bool(r["gamma"]) == gamma_on)
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True), marker="o", ls="", label="S2AP" if gamma_on else "base method"
+                )
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("PGD accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "records_pgd_vs_sparsity.png", dpi=120)
+        lines += ["", "![PGD accuracy against sparsity](records_pgd_vs_sparsity.png)"]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -42,12 +42,17 @@ def write_report(runs: Path) -> Path:
     """``report.md`` plus PNG plots from a runs folder written by the demo (or laid out like it)."""
     from s2ap_lightning.export import sparsity_table
 
-    rows = _read_results(runs / "results.csv")
+    all_rows = _read_results(runs / "results.csv")
+    # The dense model (sparsity 0) is a reference line, not a pruning method.
+    dense = [r for r in all_rows if r["method"] == "dense"]
+    rows = [r for r in all_rows if r["method"] != "dense"]
     methods = sorted({r["method"] for r in rows})
     sparsities = sorted({r["sparsity"] for r in rows})
     figures: list[tuple[str, str]] = []
 
     fig, ax = subplots(figsize=(5, 3.5))
+    for r in dense:
+        ax.axhline(r["pgd_acc"], color="grey", linestyle=":", label="dense PGD")
     for method in methods:
         sub = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
         xs = [r["sparsity"] for r in sub]
@@ -140,7 +145,7 @@ def write_report(runs: Path) -> Path:
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
     ]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in all_rows]
     lines += [
         "",
         "Accuracies are fractions. `n_test` images for clean and PGD accuracy, `n_aa` for "

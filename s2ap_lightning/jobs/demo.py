@@ -7,7 +7,6 @@ PGD-20, AutoAttack standard on a fixed test subset). Writes ``results.csv`` and 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_accuracy
-from s2ap_lightning.export import format_sparsity, pruned_state_dict, sparsity_table
+from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 
@@ -49,9 +48,28 @@ COLUMNS = [
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo; the defaults finish in a few minutes on a 2-core CPU."""
+    """Settings of the demo; the defaults finish in a few minutes on a 2-core CPU.
+
+    Args:
+        out: output folder (results.csv, report.md, one folder per run).
+        model: architecture (``mlp``: every layer large enough to keep 1 % of it).
+        seed: seed of every stage and of the evaluation's AutoAttack sample.
+        sparsities: pruned fractions (0.9 keeps 10 % of every layer).
+        gamma: S2AP's relative score-space radius.
+        pretrain_epochs: epochs of robust pretraining.
+        prune_epochs: epochs of each mask search.
+        warmup_epochs: plain HYDRA epochs before S2AP starts.
+        finetune_epochs: epochs of finetuning, the same for both methods.
+        eps: L-inf budget on [0, 1] pixels.
+        step_size: PGD step size.
+        pgd_steps: PGD steps of the test evaluation.
+        aa_images: test images attacked by AutoAttack (class-stratified, seeded).
+        progress: progress bars inside stages.
+
+    """
 
     out: str = "runs/demo"
+    model: str = "mlp"
     seed: int = 0
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.99])
     gamma: float = 0.01
@@ -72,9 +90,10 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     common = dict(
-        model="small_cnn",
+        model=cfg.model,
         num_classes=10,
         in_channels=1,
+        image_size=8,
         eps=cfg.eps,
         step_size=cfg.step_size,
         attack_steps=10,
@@ -97,8 +116,29 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         RobustPretrainer(lr=0.1, **common), datamodule=dm
     )
     pretrained = str(pre_dir / "best.ckpt")
+    protocol = EvalProtocol(
+        cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps, aa_images=cfg.aa_images, subset_seed=cfg.seed
+    )
+    dense = evaluate(plain_model(load_file(pretrained)).eval(), x_test, y_test, protocol)
+    dense_row = {
+        "method": "dense",
+        "sparsity": 0.0,
+        "seed": cfg.seed,
+        "gamma": None,
+        "clean_acc": dense.clean_acc,
+        "pgd_acc": dense.pgd_acc,
+        "aa_acc": dense.aa_acc,
+        "n_test": dense.n_images,
+        "n_aa": dense.n_aa_images,
+        "checks_passed": dense.passed,
+        "mask_pgd_acc": None,
+        "mask_hamming_last_epoch": None,
+        "lambda_max": None,
+        "sharpness": None,
+        "global_sparsity": 0.0,
+    }
 
-    rows = []
+    rows = [dense_row]
     for k, (method, sparsity) in enumerate(runs):
         gamma = cfg.gamma if method == "s2ap" else 0.0
         tag = f"{method}_sp{sparsity:g}"
@@ -138,9 +178,6 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         atomic_torch_save(state, out / tag / "pruned_model.pt")
         rows_sp, global_sp = sparsity_table(model)
         (out / tag / "sparsity.txt").write_text(format_sparsity(rows_sp, global_sp) + "\n")
-        protocol = EvalProtocol(
-            cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps, aa_images=cfg.aa_images, subset_seed=cfg.seed
-        )
         report = evaluate(model, x_test, y_test, protocol)
         for failure in report.failures():
             print(f"EVALUATION CHECK FAILED ({tag}): {failure}")
@@ -185,6 +222,11 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _num(value: Any, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{'-':>{width}}" if value is None else format(value, ">" + spec)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'method':<7} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8} "
@@ -195,48 +237,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         aa = "n/a" if r["aa_acc"] is None else f"{r['aa_acc']:.3f}"
         lines.append(
             f"{r['method']:<7} {r['sparsity']:>8g} {r['clean_acc']:>7.3f} {r['pgd_acc']:>7.3f} {aa:>7} "
-            f"{r['mask_pgd_acc']:>9.3f} {r['mask_hamming_last_epoch']:>8.4f} {r['lambda_max']:>10.4g} "
+            f"{_num(r['mask_pgd_acc'], '9.3f')} {_num(r['mask_hamming_last_epoch'], '8.4f')} "
+            f"{_num(r['lambda_max'], '10.4g')} "
             f"{'ok' if r.get('checks_passed', True) else 'FAILED':>7}"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="s2ap demo", description=__doc__)
-    parser.add_argument("--out", default=defaults.out)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--sparsities",
-        type=float,
-        nargs="+",
-        default=defaults.sparsities,
-        help="pruned fractions (0.9 keeps 10 %%)",
-    )
-    parser.add_argument("--gamma", type=float, default=defaults.gamma)
-    for name in (
-        "pretrain_epochs",
-        "prune_epochs",
-        "warmup_epochs",
-        "finetune_epochs",
-        "aa_images",
-        "pgd_steps",
-    ):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = DemoConfig(
-        out=args.out,
-        seed=args.seed,
-        sparsities=args.sparsities,
-        gamma=args.gamma,
-        pretrain_epochs=args.pretrain_epochs,
-        prune_epochs=args.prune_epochs,
-        warmup_epochs=args.warmup_epochs,
-        finetune_epochs=args.finetune_epochs,
-        aa_images=args.aa_images,
-        pgd_steps=args.pgd_steps,
-        progress=not args.no_progress,
-    )
-    run_demo(cfg)
+    """``s2ap demo``: every field of :class:`DemoConfig` is a flag (``--help``) and a ``--config`` key."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="s2ap demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
+    parser.add_class_arguments(DemoConfig, as_group=False)
+    cfg = parser.parse_args(argv)
+    fields = DemoConfig.__dataclass_fields__
+    run_demo(DemoConfig(**{k: v for k, v in cfg.as_dict().items() if k in fields}))
     return 0

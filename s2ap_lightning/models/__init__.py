@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from s2ap_lightning.models.mlp import MLP
 from s2ap_lightning.models.resnet import ResNet18
 from s2ap_lightning.models.small_cnn import SmallCNN
 from s2ap_lightning.models.vgg import VGG16BN
@@ -35,6 +36,7 @@ def _without_size(cls: Callable[..., nn.Module], **fixed: object) -> Callable[..
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": _without_size(SmallCNN),
+    "mlp": MLP,
     "resnet18": _without_size(ResNet18),
     "vgg16_bn": _without_size(VGG16BN),
     "wrn28_4": _without_size(WideResNet, depth=28, widen_factor=4),
@@ -59,4 +61,4 @@ def build_model(
     )
 
 
-__all__ = ["MODELS", "ResNet18", "SmallCNN", "VGG16BN", "ViT", "WideResNet", "build_model"]
+__all__ = ["MLP", "MODELS", "ResNet18", "SmallCNN", "VGG16BN", "ViT", "WideResNet", "build_model"]

@@ -9,7 +9,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from s2ap_lightning.checkpoint import load_file, refuse_existing
+from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import BEST, LAST, BestCheckpoint
@@ -121,26 +120,6 @@ class S2APCLI(LightningCLI):
         return parser
 
 
-def _export(argv: list[str]) -> int:
-    from s2ap_lightning.export import export
-
-    parser = argparse.ArgumentParser(
-        prog="s2ap export",
-        description=(
-            "Write a mask-search or finetuning checkpoint as a plain state dict of the architecture, "
-            "pruned weights exactly zero; loads with torch.load(weights_only=True) and strict=True."
-        ),
-    )
-    parser.add_argument("checkpoint", help="checkpoint of the prune or finetune stage")
-    parser.add_argument("--out", required=True, help="output .pt file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    args = parser.parse_args(argv)
-    refuse_existing(args.out, args.overwrite)
-    print(export(args.checkpoint, args.out))
-    print(f"wrote {args.out}")
-    return 0
-
-
 def _demo(argv: list[str]) -> int:
     from s2ap_lightning.jobs.demo import main as demo_main
 
@@ -153,11 +132,13 @@ def _study(argv: list[str]) -> int:
     return study_main(argv)
 
 
-def _analysis(name: str) -> Callable[[list[str]], int]:
+def _tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        from s2ap_lightning.tools import COMMANDS
+        # Imported on use: `s2ap fit` should not pay for the analysis tools' imports.
+        from s2ap_lightning.tools import TOOLS as FUNCTIONS
+        from s2ap_lightning.tools import run_tool
 
-        return COMMANDS[name](argv)
+        return run_tool(FUNCTIONS[name], argv, name)
 
     return run
 
@@ -165,8 +146,10 @@ def _analysis(name: str) -> Callable[[list[str]], int]:
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "study": _study,
-    "export": _export,
-    **{name: _analysis(name) for name in ("hamming", "sharpness", "landscape", "security", "report", "pick")},
+    **{
+        name: _tool(name)
+        for name in ("export", "hamming", "sharpness", "landscape", "security", "report", "pick")
+    },
 }
 
 

@@ -1,15 +1,20 @@
-"""The analysis tools of ``s2ap`` (hamming, sharpness, landscape, security, report, pick): the CLI layer.
+"""The tools of ``s2ap`` beside LightningCLI: export, hamming, sharpness, landscape, security, report, pick.
 
-Each reads checkpoints with ``weights_only=True`` and uses a fixed subset of a split (validation by
-default) of the dataset the checkpoint was trained on, unless told otherwise.
+Each tool is a typed function whose docstring documents its options; :func:`run_tool` exposes it
+through jsonargparse, so every tool has ``--help``, ``--config`` files and the same conventions as
+``s2ap fit`` (options are ``--snake_case``; booleans take ``true``/``false``). The analysis tools
+read checkpoints with ``weights_only=True`` and use a fixed subset of a split (validation by
+default) of the dataset the checkpoint was trained on, unless told otherwise. This is the CLI layer:
+it loads stages, which the analysis modules below it may not.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -17,26 +22,44 @@ from torch import Tensor
 from s2ap_lightning.checkpoint import load_file, refuse_existing
 
 
-def _fixed_subset(checkpoint: dict, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
-    import inspect
+def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
+    """Parse ``argv`` for ``fn`` (positional arguments: its parameters without defaults) and call it."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
+    doc = inspect.getdoc(fn) or ""
+    params = inspect.signature(fn).parameters
+    variadic = getattr(fn, "variadic", None)
+    if variadic:
+        # Shell globs (`s2ap pick runs/g*`): the leading words are the items of one list parameter.
+        n = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+        if n:
+            argv = [f"--{variadic}", json.dumps(argv[:n]), *argv[n:]]
+    parser = ArgumentParser(prog=f"s2ap {name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the options below")
+    parser.add_function_arguments(fn, as_group=False, as_positional=not variadic)
+    cfg = parser.parse_args(argv)
+    return fn(**{k: v for k, v in cfg.as_dict().items() if k in params})
+
+
+def _fixed_subset(
+    checkpoint: dict, images: int, split: str, dataset: str | None, data_dir: str | None
+) -> tuple[Tensor, Tensor]:
     from s2ap_lightning.data import RobustDataModule
 
     # Only the DataModule's own arguments (LightningCLI stores extra keys such as `_instantiator`).
     accepted = set(inspect.signature(RobustDataModule.__init__).parameters) - {"self"}
     stored = checkpoint.get("datamodule_hyper_parameters") or {}
     data_hp = {k: v for k, v in stored.items() if k in accepted}
-
-    if args.dataset:
-        data_hp["dataset"] = args.dataset
-    if args.data_dir:
-        data_hp["data_dir"] = args.data_dir
+    if dataset:
+        data_hp["dataset"] = dataset
+    if data_dir:
+        data_hp["data_dir"] = data_dir
     data_hp.pop("test_subset", None)
     dm = RobustDataModule(**data_hp)
     dm.setup()
-    split = dm.val_set if args.split == "val" else dm.test_set
-    n = min(args.images, len(split))
-    xs, ys = zip(*[split[i] for i in range(n)], strict=True)
+    data = dm.val_set if split == "val" else dm.test_set
+    n = min(images, len(data))
+    xs, ys = zip(*[data[i][:2] for i in range(n)], strict=True)
     return torch.stack(xs), torch.as_tensor(ys)
 
 
@@ -45,130 +68,181 @@ def _pruner(path: str) -> tuple[Any, dict]:
 
     checkpoint = load_file(path)
     if not any(k.startswith("scores.") for k in checkpoint.get("state_dict", {})):
-        raise SystemExit(f"{path}: not a mask-search checkpoint (no scores); pass a prune-stage checkpoint")
+        raise ValueError(f"{path}: not a mask-search checkpoint (no scores); pass a prune-stage checkpoint")
     module = ScoreSpaceSAMPruner.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     return module.eval(), checkpoint
 
 
-def _data_args(parser: argparse.ArgumentParser, images: int = 256) -> None:
-    parser.add_argument("--images", type=int, default=images, help="size of the fixed subset")
-    parser.add_argument("--split", choices=["val", "test"], default="val")
-    parser.add_argument("--dataset", default=None, help="override the checkpoint's dataset")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+def export(checkpoint: str, out: str | None = None, overwrite: bool = False) -> int:
+    """Write a mask-search or finetuning checkpoint as a plain state dict, pruned weights exactly zero.
+
+    The file loads with ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.
+
+    Args:
+        checkpoint: checkpoint of the prune or finetune stage.
+        out: output ``.pt`` file.
+        overwrite: replace an existing ``out``.
+
+    """
+    from s2ap_lightning.export import export as export_file
+
+    if not out:
+        raise ValueError("export needs --out FILE (the plain state dict to write)")
+    refuse_existing(out, overwrite)
+    print(export_file(checkpoint, out))
+    print(f"wrote {out}")
+    return 0
 
 
-def hamming_command(argv: list[str]) -> int:
-    from s2ap_lightning.analysis.stability import hamming, load_masks
+def hamming(a: str, b: str, per_layer: bool = False) -> int:
+    """Normalised Hamming distance between two masks (e.g. the final masks of two seeds).
 
-    parser = argparse.ArgumentParser(
-        prog="s2ap hamming",
-        description=(
-            "Normalised Hamming distance between two masks (e.g. the final masks of two seeds). Each file "
-            "is a stage checkpoint, an exported pruned state dict, or a packed mask file."
-        ),
-    )
-    parser.add_argument("a")
-    parser.add_argument("b")
-    parser.add_argument("--per-layer", action="store_true")
-    args = parser.parse_args(argv)
-    distance, per_layer = hamming(load_masks(args.a), load_masks(args.b))
-    if args.per_layer:
-        for name, value in per_layer.items():
+    Args:
+        a: a stage checkpoint, an exported pruned state dict, or a packed mask file.
+        b: the same kinds of file.
+        per_layer: also print the distance of every layer.
+
+    """
+    from s2ap_lightning.analysis.stability import hamming as distance_of
+    from s2ap_lightning.analysis.stability import load_masks
+
+    distance, layers = distance_of(load_masks(a), load_masks(b))
+    if per_layer:
+        for name, value in layers.items():
             print(f"{name:40s} {value:.6f}")
     print(f"hamming (normalised): {distance:.6f}")
     return 0
 
 
-def sharpness_command(argv: list[str]) -> int:
+def sharpness(
+    checkpoint: str,
+    gamma: float = 0.01,
+    max_iter: int = 50,
+    tol: float = 1e-3,
+    out: str | None = None,
+    images: int = 256,
+    split: Literal["val", "test"] = "val",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> int:
+    """Score-space sharpness of a mask-search checkpoint, on the robust loss the search used.
+
+    The top Hessian eigenvalue of that loss w.r.t. the scores (power iteration) and the loss increase
+    under the worst per-layer perturbation of budget ``gamma``.
+
+    Args:
+        checkpoint: a mask-search checkpoint.
+        gamma: budget of the worst-case perturbation.
+        max_iter: power-iteration cap.
+        tol: relative change of the eigenvalue at which the iteration stops.
+        out: JSON file (default: beside the checkpoint).
+        images: size of the fixed subset.
+        split: ``val`` or ``test``.
+        dataset: override the checkpoint's dataset.
+        data_dir: override the checkpoint's data folder.
+        seed: seed of the adversarial examples and the start vector.
+
+    """
     from s2ap_lightning.analysis.sharpness import score_space_sharpness
 
-    parser = argparse.ArgumentParser(
-        prog="s2ap sharpness",
-        description=(
-            "Score-space sharpness of a mask-search checkpoint: the top Hessian eigenvalue of the robust "
-            "loss w.r.t. the scores (power iteration) and the loss increase under the worst per-layer "
-            "perturbation of budget gamma."
-        ),
-    )
-    parser.add_argument("checkpoint")
-    parser.add_argument("--gamma", type=float, default=0.01)
-    parser.add_argument("--max-iter", type=int, default=50)
-    parser.add_argument("--tol", type=float, default=1e-3)
-    parser.add_argument("--out", default=None, help="JSON file (default: beside the checkpoint)")
-    _data_args(parser)
-    args = parser.parse_args(argv)
-    pruner, checkpoint = _pruner(args.checkpoint)
-    x, y = _fixed_subset(checkpoint, args)
-    report = score_space_sharpness(pruner, x, y, args.gamma, args.max_iter, args.tol, args.seed)
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".sharpness.json"))
-    out.write_text(
-        json.dumps({**report.as_dict(), "checkpoint": args.checkpoint, "split": args.split}, indent=2) + "\n"
+    pruner, ckpt = _pruner(checkpoint)
+    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
+    report = score_space_sharpness(pruner, x, y, gamma, max_iter, tol, seed)
+    path = Path(out or Path(checkpoint).with_suffix(".sharpness.json"))
+    path.write_text(
+        json.dumps({**report.as_dict(), "checkpoint": checkpoint, "split": split}, indent=2) + "\n"
     )
     print(json.dumps(report.as_dict(), indent=2))
-    print(f"written to {out}")
+    print(f"written to {path}")
     return 0
 
 
-def landscape_command(argv: list[str]) -> int:
+def landscape(
+    checkpoint: str,
+    dims: Literal[1, 2] = 1,
+    radius: float = 1.0,
+    points: int = 21,
+    out: str | None = None,
+    images: int = 128,
+    split: Literal["val", "test"] = "val",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> int:
+    """1-D or 2-D slice of the search's robust loss in score space, with the number of mask flips.
+
+    Random directions are scaled per layer to ``||s_l||``; writes a PNG and an ``.npz``.
+
+    Args:
+        checkpoint: a mask-search checkpoint.
+        dims: 1 or 2 directions.
+        radius: the slice spans ``[-radius, radius]`` along each direction.
+        points: grid points per direction.
+        out: output prefix (default: beside the checkpoint).
+        images: size of the fixed subset.
+        split: ``val`` or ``test``.
+        dataset: override the checkpoint's dataset.
+        data_dir: override the checkpoint's data folder.
+        seed: seed of the directions and adversarial examples.
+
+    """
     import numpy as np
 
     from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
 
-    parser = argparse.ArgumentParser(
-        prog="s2ap landscape",
-        description=(
-            "1-D or 2-D slice of the robust loss in score space along random directions scaled per layer "
-            "to ||s_l||, with the number of mask flips; writes PNG and .npz."
-        ),
-    )
-    parser.add_argument("checkpoint")
-    parser.add_argument("--dims", type=int, choices=[1, 2], default=1)
-    parser.add_argument("--radius", type=float, default=1.0)
-    parser.add_argument("--points", type=int, default=21)
-    parser.add_argument("--out", default=None, help="output prefix (default: beside the checkpoint)")
-    _data_args(parser, images=128)
-    args = parser.parse_args(argv)
-    pruner, checkpoint = _pruner(args.checkpoint)
-    x, y = _fixed_subset(checkpoint, args)
-    grid = np.linspace(-args.radius, args.radius, args.points)
-    if args.dims == 1:
-        land = landscape_1d(pruner, x, y, grid, seed=args.seed)
-    else:
-        land = landscape_2d(pruner, x, y, grid, seed=args.seed)
-    prefix = args.out or str(Path(args.checkpoint).with_suffix("")) + f".landscape{args.dims}d"
+    pruner, ckpt = _pruner(checkpoint)
+    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
+    grid = np.linspace(-radius, radius, points)
+    land = (landscape_1d if dims == 1 else landscape_2d)(pruner, x, y, grid, seed=seed)
+    prefix = out or str(Path(checkpoint).with_suffix("")) + f".landscape{dims}d"
     land.save(prefix)
-    land.plot(prefix + ".png", f"{Path(args.checkpoint).parent.name}: {args.dims}-D score-space slice")
+    land.plot(prefix + ".png", f"{Path(checkpoint).parent.name}: {dims}-D score-space slice")
     print(f"written {prefix}.png and {prefix}.npz")
     return 0
 
 
-def security_command(argv: list[str]) -> int:
+def security(
+    checkpoint: str,
+    norm: Literal["linf", "l2"] = "linf",
+    steps: int = 100,
+    max_eps: float | None = None,
+    out: str | None = None,
+    images: int = 500,
+    split: Literal["val", "test"] = "val",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> int:
+    """Security curve (robust accuracy against eps) from FMN minimum-norm perturbations.
+
+    Args:
+        checkpoint: checkpoint of any stage.
+        norm: ``linf`` or ``l2``.
+        steps: FMN steps.
+        max_eps: largest eps of the curve (default: twice the training eps).
+        out: output prefix (default: beside the checkpoint).
+        images: size of the fixed subset.
+        split: ``val`` or ``test``.
+        dataset: override the checkpoint's dataset.
+        data_dir: override the checkpoint's data folder.
+        seed: unused by FMN; kept so every analysis tool takes the same data options.
+
+    """
     import numpy as np
 
     from s2ap_lightning.analysis.security import security_curve
     from s2ap_lightning.export import plain_model
 
-    parser = argparse.ArgumentParser(
-        prog="s2ap security",
-        description=("Security curve (robust accuracy against eps) from FMN minimum-norm perturbations."),
-    )
-    parser.add_argument("checkpoint", help="checkpoint of any stage")
-    parser.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--max-eps", type=float, default=None, help="default: 2x the training eps")
-    parser.add_argument("--out", default=None)
-    _data_args(parser, images=500)
-    args = parser.parse_args(argv)
-    checkpoint = load_file(args.checkpoint)
-    model = plain_model(checkpoint).eval()
-    x, y = _fixed_subset(checkpoint, args)
-    max_eps = args.max_eps or 2 * checkpoint["hyper_parameters"].get("eps", 8 / 255)
-    curve = security_curve(model, x, y, np.linspace(0, max_eps, 41), args.norm, args.steps)
-    prefix = args.out or str(Path(args.checkpoint).with_suffix("")) + ".security"
+    ckpt = load_file(checkpoint)
+    model = plain_model(ckpt).eval()
+    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
+    top = max_eps or 2 * ckpt["hyper_parameters"].get("eps", 8 / 255)
+    curve = security_curve(model, x, y, np.linspace(0, top, 41), norm, steps)
+    prefix = out or str(Path(checkpoint).with_suffix("")) + ".security"
     Path(prefix + ".json").write_text(json.dumps(curve.__dict__, indent=2) + "\n")
     curve.plot(prefix + ".png")
-    train_eps = checkpoint["hyper_parameters"].get("eps")
+    train_eps = ckpt["hyper_parameters"].get("eps")
     print(
         f"robust accuracy at the training eps {train_eps}: {curve.accuracy_at(train_eps):.4f} "
         f"({len(x)} images); written {prefix}.png and .json"
@@ -176,25 +250,24 @@ def security_command(argv: list[str]) -> int:
     return 0
 
 
-def report_command(argv: list[str]) -> int:
+def report(runs: str, overwrite: bool = False) -> int:
+    """Turn a runs folder into report.md with PNG plots.
+
+    The demo's ``results.csv`` when the folder has one, else every evaluation record (``*.eval.json``)
+    that ``s2ap test`` wrote under it.
+
+    Args:
+        runs: the folder holding the runs.
+        overwrite: replace an existing ``report.md``.
+
+    """
     from s2ap_lightning.analysis.report import write_records_report, write_report
 
-    parser = argparse.ArgumentParser(
-        prog="s2ap report",
-        description=(
-            "Turn a runs folder into report.md with PNG plots: the demo's results.csv, or else every "
-            "evaluation record (*.eval.json) that `s2ap test` wrote under the folder."
-        ),
-    )
-    parser.add_argument("runs", nargs="?", default="runs/demo")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report.md")
-    args = parser.parse_args(argv)
-    runs = Path(args.runs)
-    if not runs.is_dir():
-        raise FileNotFoundError(f"{runs} is not a folder; pass the folder holding the runs to report on")
-    refuse_existing(runs / "report.md", args.overwrite)
-    # The demo's results.csv when there is one, else every `s2ap test` record under the folder.
-    path = write_report(runs) if (runs / "results.csv").is_file() else write_records_report(runs)
+    folder = Path(runs)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the folder holding the runs to report on")
+    refuse_existing(folder / "report.md", overwrite)
+    path = write_report(folder) if (folder / "results.csv").is_file() else write_records_report(folder)
     print(f"written {path}")
     return 0
 
@@ -206,20 +279,18 @@ def best_validation_score(path: str | Path) -> float:
     for key, state in (ckpt.get("callbacks") or {}).items():
         if "val/robust_acc" in key and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
-    raise SystemExit(f"{path}: no val/robust_acc score stored in the checkpoint")
+    raise ValueError(f"{path}: no val/robust_acc score stored in the checkpoint")
 
 
-def pick_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="s2ap pick",
-        description=(
-            "Pick among runs (e.g. a gamma sweep) by best validation robust accuracy; never the test set."
-        ),
-    )
-    parser.add_argument("runs", nargs="+", help="run folders holding best.ckpt, or checkpoint files")
-    args = parser.parse_args(argv)
+def pick(runs: list[str]) -> int:
+    """Pick among runs (e.g. a gamma sweep) by best validation robust accuracy; never the test set.
+
+    Args:
+        runs: run folders holding best.ckpt, or checkpoint files.
+
+    """
     scored = []
-    for run in args.runs:
+    for run in runs:
         hp = load_file(Path(run) / "best.ckpt" if Path(run).is_dir() else run).get("hyper_parameters", {})
         scored.append((best_validation_score(run), run, hp.get("gamma")))
     for score, run, gamma in sorted(scored, reverse=True):
@@ -229,11 +300,15 @@ def pick_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {
-    "pick": pick_command,
-    "hamming": hamming_command,
-    "sharpness": sharpness_command,
-    "landscape": landscape_command,
-    "security": security_command,
-    "report": report_command,
+pick.variadic = "runs"  # type: ignore[attr-defined]
+
+
+TOOLS: dict[str, Callable[..., int]] = {
+    "export": export,
+    "pick": pick,
+    "hamming": hamming,
+    "sharpness": sharpness,
+    "landscape": landscape,
+    "security": security,
+    "report": report,
 }

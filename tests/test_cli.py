@@ -177,14 +177,14 @@ def test_analysis_commands_on_a_mask_search_checkpoint(chained, tmp_path, capsys
 
     tmp, pre, prune, ft = chained
     assert (
-        cli("sharpness", str(prune), "--images", "8", "--max-iter", "5", "--out", str(tmp_path / "s.json"))
+        cli("sharpness", str(prune), "--images", "8", "--max_iter", "5", "--out", str(tmp_path / "s.json"))
         == 0
     )
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["n_images"] == 8 and record["iterations"] <= 5
     assert cli("landscape", str(prune), "--images", "16", "--points", "5", "--out", str(tmp_path / "l")) == 0
     assert (tmp_path / "l.png").stat().st_size > 1000 and (tmp_path / "l.npz").exists()
-    assert cli("hamming", str(prune), str(ft), "--per-layer") == 0
+    assert cli("hamming", str(prune), str(ft), "--per_layer", "true") == 0
     out = capsys.readouterr().out
     assert "hamming (normalised): 0.000000" in out, "finetuning keeps the searched mask"
     assert cli("security", str(ft), "--images", "16", "--steps", "20", "--out", str(tmp_path / "sec")) == 0
@@ -278,7 +278,7 @@ def test_export_refuses_to_replace_a_file(chained, tmp_path):
     out.write_bytes(b"keep me")
     assert main(["export", str(ft), "--out", str(out)]) == 2
     assert out.read_bytes() == b"keep me"
-    assert main(["export", str(ft), "--out", str(out), "--overwrite"]) == 0
+    assert main(["export", str(ft), "--out", str(out), "--overwrite", "true"]) == 0
 
 
 def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeypatch, capsys):
@@ -322,7 +322,7 @@ def test_report_from_any_runs_test_records(chained, tmp_path):
     tmp, _, prune, ft = chained
     run_test_subcommand("s2ap.yaml", prune, tmp / "test_prune", "--model.aa_images", "0")
     run_test_subcommand("finetune.yaml", ft, tmp / "test_ft", "--model.aa_images", "0")
-    assert cli("report", str(tmp), "--overwrite") == 0
+    assert cli("report", str(tmp), "--overwrite", "true") == 0
     text = (tmp / "report.md").read_text()
     assert "`s2ap/best.eval.json` | ScoreSpaceSAMPruner | hydra | 0.8 |" in text
     assert "`finetune/best.eval.json` | MaskedFinetuner |" in text

@@ -133,8 +133,8 @@ def write_study_report(spec: StudySpec) -> Path:
         f"Spec: `{folder / 'spec.yaml'}` (data `{spec.data_config}`); seeds {spec.seeds}; sparsities "
         f"{spec.sparsities}; gammas {spec.gammas}; epochs pretrain/search/finetune "
         f"{spec.pretrain_epochs}/{spec.prune_epochs}/{spec.finetune_epochs} (S2AP warm-up "
-        f"{spec.warmup_epochs}); finetuning {recipe} for every method. Cell wall time in all: "
-        f"{wall / 60:.1f} min.",
+        f"{spec.warmup_epochs}); finetuning {recipe} for every method. Wall time of the cells, added "
+        f"up: {wall / 60:.1f} min (`wall_s` per row in `study.csv`).",
         "",
         "Accuracies in %, mean ± 95 % CI half-width over seeds (Student t). Test figures: clean and "
         f"PGD-{spec.eval_pgd_steps} on every test image, AutoAttack on a class-stratified sample of "
@@ -183,9 +183,17 @@ def write_study_report(spec: StudySpec) -> Path:
                 m, h = mean_ci(diffs)
                 wins = sum(d > 0 for d in diffs)
                 per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
+                reading = verdict(m, h)
+                flagged = sum(
+                    1
+                    for r in finals
+                    if r["base_method"] == base and r["sparsity"] == sp and not r.get("checks_passed")
+                )
+                if flagged:
+                    reading += f" ! ({flagged} of these evaluations failed a masking check)"
                 lines.append(
                     f"| {base} | {sp:g} | {metric.replace('_acc', '')} | {per_seed} | "
-                    f"{100 * m:+.1f} ± {100 * h:.1f} | {wins}/{len(diffs)} | {verdict(m, h)} |"
+                    f"{100 * m:+.1f} ± {100 * h:.1f} | {wins}/{len(diffs)} | {reading} |"
                 )
     lines += [
         "",

@@ -12,6 +12,8 @@ from s2ap_lightning.export import sparsity_table
 from s2ap_lightning.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The settings every CLI test shares (tiny data, quiet CPU trainer, fixed seed).
+FAST = Path(__file__).resolve().parent / "configs" / "cli_fast.yaml"
 
 
 def cli(*args):
@@ -32,21 +34,11 @@ def stage(tmp, name, stage_cfg, epochs, *extra):
         "--config",
         str(CONFIGS / "data" / "synthetic.yaml"),
         "--config",
-        str(CONFIGS / "trainer" / "cpu.yaml"),
+        str(FAST),
         "--trainer.max_epochs",
         str(epochs),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp / name),
         "--checkpoint.dirpath",
         str(tmp / name),
-        "--data.synthetic_samples",
-        "128",
-        "--seed_everything",
-        "0",
         *extra,
     )
     assert (tmp / name / "best.ckpt").is_file() and (tmp / name / "last.ckpt").is_file()

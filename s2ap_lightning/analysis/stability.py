@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from s2ap_lightning.checkpoint import atomic_torch_save
+from s2ap_lightning.pruning.fixed_masks import PACKED_FORMAT, load_masks, pack_masks, unpack_masks
+
+__all__ = [
+    "MaskHammingDistance",
+    "MaskStabilityCallback",
+    "hamming",
+    "load_masks",
+    "pack_masks",
+    "unpack_masks",
+]
 
 
 class MaskHammingDistance(Metric):
@@ -54,43 +65,6 @@ def hamming(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, di
     return float(total.compute()), per_layer
 
 
-def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Bit-packed masks (1 bit per weight) with their shapes, loadable with ``weights_only=True``."""
-    return {
-        name: {
-            "shape": list(m.shape),
-            "bits": torch.from_numpy(np.packbits(m.detach().bool().cpu().flatten().numpy())),
-        }
-        for name, m in masks.items()
-    }
-
-
-def unpack_masks(packed: Mapping[str, Any]) -> dict[str, Tensor]:
-    out = {}
-    for name, entry in packed.items():
-        shape = entry["shape"]
-        numel = int(np.prod(shape)) if shape else 1
-        bits = np.unpackbits(entry["bits"].numpy())[:numel]
-        out[name] = torch.from_numpy(bits.astype(np.float32)).view(shape)
-    return out
-
-
-def load_masks(path: str | Path) -> dict[str, Tensor]:
-    """Masks from a packed-mask file, a stage checkpoint or an exported pruned state dict."""
-    from s2ap_lightning.checkpoint import load_file, stored_masks
-
-    obj = load_file(path)
-    if isinstance(obj, dict) and obj.get("format") == "s2ap-packed-masks":
-        return unpack_masks(obj["masks"])
-    masks = stored_masks(obj)
-    if masks is not None:
-        return masks
-    # An exported plain state dict: the mask is where the prunable weights are non-zero.
-    from s2ap_lightning.pruning.scores import prunable_state_weights
-
-    return {k: (v != 0).float() for k, v in prunable_state_weights(obj).items()}
-
-
 class MaskStabilityCallback(L.Callback):
     """Logs, every mask-search epoch, the Hamming distance to the previous epoch's mask.
 
@@ -116,9 +90,7 @@ class MaskStabilityCallback(L.Callback):
             return  # no logger and no folder given: nowhere sensible to write
         root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
         root.mkdir(parents=True, exist_ok=True)
-        from s2ap_lightning.checkpoint import atomic_torch_save
-
-        atomic_torch_save({"format": "s2ap-packed-masks", "masks": pack_masks(masks)}, root / f"{tag}.pt")
+        atomic_torch_save({"format": PACKED_FORMAT, "masks": pack_masks(masks)}, root / f"{tag}.pt")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.previous = self._masks(pl_module)

@@ -216,14 +216,11 @@ class HarpScoreSet(ScoreSet):
 
     - ``"logit"`` (default; the method reference's wording: the learnable scalar ``r_l``'s gradient
       is the sum): a straight-through step over the sigmoid as well. The size loss still reaches
-      ``r_l`` through the sigmoid, so it pulls hardest where the layer is near its middle rate. On
-      the models tried (a small CNN on digits, ResNet-18 on synthetic data) the density settled
-      within 0.4 points of the target at 0.9, 0.95 and 0.99.
+      ``r_l`` through the sigmoid, so it pulls hardest where the layer is near its middle rate.
     - ``"keep"`` (HARP's code): the keep fraction ``k_l``; autograd carries it through the sigmoid,
-      so both losses act on ``r_l`` scaled by the same slope. On the small CNN of the tests the robust
-      loss's sum often favours fewer weights and the hinge-shaped size loss cannot pull the density
-      back up: at 0.95 with ``size_loss_weight`` 3 the search ended at 3.0 % for a 5 % target.
-
+      so both losses act on ``r_l`` scaled by the same slope. Where the robust loss's sum favours
+      fewer weights, the hinge-shaped size loss cannot pull the density back up to the target.
+      How both readings behaved in runs: ``benchmarks/README.md`` (HARP's density).
 
     The effective weight carries a ``w * (x - x.detach())`` term (``x`` the chosen scalar) whose value
     is exactly zero.
@@ -231,9 +228,8 @@ class HarpScoreSet(ScoreSet):
     ``rate_bound`` clamps every rate to ``[-rate_bound, rate_bound]`` after each step (``None``: no
     clamp, as HARP's code). The sum makes one step of a large layer's rate big enough to push the
     sigmoid into saturation, where its slope, and with it the size loss's pull, is zero: the layer then
-    stays dense for the rest of the search (seen at 99 % sparsity, the density stuck at 78 %). At the
-    default bound of 6 the slope is still 1 % of its maximum, and the keep fraction spans
-    ``k_min + (1 - k_min) * [0.0025, 0.9975]``.
+    stays dense for the rest of the search. At the default bound of 6 the slope is still 1 % of its
+    maximum, and the keep fraction spans ``k_min + (1 - k_min) * [0.0025, 0.9975]``.
     """
 
     def __init__(

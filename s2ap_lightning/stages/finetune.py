@@ -5,31 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from s2ap_lightning.checkpoint import stored_masks
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics
+from s2ap_lightning.pruning.fixed_masks import MaskSet
 from s2ap_lightning.pruning.perturbation import layerwise_perturbation
-from s2ap_lightning.pruning.scores import prunable_weight_names
 from s2ap_lightning.stages.base import check_range
 from s2ap_lightning.stages.pretrain import RobustPretrainer
-
-
-class MaskSet(nn.Module):
-    """Fixed binary masks as buffers, so they travel in every checkpoint of this stage."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.names = prunable_weight_names(model)
-        params = dict(model.named_parameters())
-        for name in self.names:
-            self.register_buffer(name.replace(".", "__"), torch.ones_like(params[name]))
-
-    def __getitem__(self, name: str) -> Tensor:
-        return getattr(self, name.replace(".", "__"))
-
-    def items(self) -> list[tuple[str, Tensor]]:
-        return [(n, self[n]) for n in self.names]
 
 
 class MaskedFinetuner(RobustPretrainer):

@@ -121,6 +121,7 @@ class S2APCLI(LightningCLI):
 
 
 def _demo(argv: list[str]) -> int:
+    # Jobs and tools are imported on use, so `s2ap fit` does not load submitit, scipy or the analyses.
     from s2ap_lightning.jobs.demo import main as demo_main
 
     return demo_main(argv)
@@ -134,7 +135,6 @@ def _study(argv: list[str]) -> int:
 
 def _tool(name: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        # Imported on use: `s2ap fit` should not pay for the analysis tools' imports.
         from s2ap_lightning.tools import TOOLS as FUNCTIONS
         from s2ap_lightning.tools import run_tool
 

@@ -16,10 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
+from s2ap_lightning.analysis.report import write_records_report, write_report
+from s2ap_lightning.analysis.security import security_curve
+from s2ap_lightning.analysis.sharpness import score_space_sharpness
+from s2ap_lightning.analysis.stability import hamming as distance_of
+from s2ap_lightning.analysis.stability import load_masks
 from s2ap_lightning.checkpoint import load_file, refuse_existing
+from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.export import export as export_file
+from s2ap_lightning.export import plain_model
+from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 
 def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
@@ -44,7 +55,6 @@ def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
 def _fixed_subset(
     checkpoint: dict, images: int, split: str, dataset: str | None, data_dir: str | None
 ) -> tuple[Tensor, Tensor]:
-    from s2ap_lightning.data import RobustDataModule
 
     # Only the DataModule's own arguments (LightningCLI stores extra keys such as `_instantiator`).
     accepted = set(inspect.signature(RobustDataModule.__init__).parameters) - {"self"}
@@ -64,7 +74,6 @@ def _fixed_subset(
 
 
 def _pruner(path: str) -> tuple[Any, dict]:
-    from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
     checkpoint = load_file(path)
     if not any(k.startswith("scores.") for k in checkpoint.get("state_dict", {})):
@@ -84,8 +93,6 @@ def export(checkpoint: str, out: str | None = None, overwrite: bool = False) -> 
         overwrite: replace an existing ``out``.
 
     """
-    from s2ap_lightning.export import export as export_file
-
     if not out:
         raise ValueError("export needs --out FILE (the plain state dict to write)")
     refuse_existing(out, overwrite)
@@ -103,9 +110,6 @@ def hamming(a: str, b: str, per_layer: bool = False) -> int:
         per_layer: also print the distance of every layer.
 
     """
-    from s2ap_lightning.analysis.stability import hamming as distance_of
-    from s2ap_lightning.analysis.stability import load_masks
-
     distance, layers = distance_of(load_masks(a), load_masks(b))
     if per_layer:
         for name, value in layers.items():
@@ -144,8 +148,6 @@ def sharpness(
         seed: seed of the adversarial examples and the start vector.
 
     """
-    from s2ap_lightning.analysis.sharpness import score_space_sharpness
-
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     report = score_space_sharpness(pruner, x, y, gamma, max_iter, tol, seed)
@@ -187,10 +189,6 @@ def landscape(
         seed: seed of the directions and adversarial examples.
 
     """
-    import numpy as np
-
-    from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
-
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     grid = np.linspace(-radius, radius, points)
@@ -229,11 +227,6 @@ def security(
         seed: unused by FMN; kept so every analysis tool takes the same data options.
 
     """
-    import numpy as np
-
-    from s2ap_lightning.analysis.security import security_curve
-    from s2ap_lightning.export import plain_model
-
     ckpt = load_file(checkpoint)
     model = plain_model(ckpt).eval()
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
@@ -261,8 +254,6 @@ def report(runs: str, overwrite: bool = False) -> int:
         overwrite: replace an existing ``report.md``.
 
     """
-    from s2ap_lightning.analysis.report import write_records_report, write_report
-
     folder = Path(runs)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the folder holding the runs to report on")

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from s2ap_lightning.analysis.plotting import subplots
+from s2ap_lightning.analysis.stability import hamming, load_masks
+from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.evaluation.record import git_commit
+from s2ap_lightning.export import sparsity_table
 
 
 def _read_results(path: Path) -> list[dict[str, Any]]:
-    import csv
-
     rows = []
     with open(path) as fh:
         for row in csv.DictReader(fh):
@@ -29,8 +31,6 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
 
 def hamming_history(mask_dir: Path) -> list[float]:
     """Hamming distance between consecutive saved masks (``init``, ``epoch_000``, ...)."""
-    from s2ap_lightning.analysis.stability import hamming, load_masks
-
     files = ([mask_dir / "init.pt"] if (mask_dir / "init.pt").exists() else []) + sorted(
         mask_dir.glob("epoch_*.pt")
     )
@@ -40,8 +40,6 @@ def hamming_history(mask_dir: Path) -> list[float]:
 
 def write_report(runs: Path) -> Path:
     """``report.md`` plus PNG plots from a runs folder written by the demo (or laid out like it)."""
-    from s2ap_lightning.export import sparsity_table
-
     all_rows = _read_results(runs / "results.csv")
     # The dense model (sparsity 0) is a reference line, not a pruning method.
     dense = [r for r in all_rows if r["method"] == "dense"]
@@ -99,8 +97,6 @@ def write_report(runs: Path) -> Path:
     for r in rows:
         path = runs / f"{r['method']}_sp{r['sparsity']:g}" / "pruned_model.pt"
         if path.exists():
-            from s2ap_lightning.checkpoint import load_file
-
             layer_tables[f"{r['method']} {r['sparsity']:g}"] = sparsity_table(load_file(path))[0]
     if layer_tables:
         fig, ax = subplots(figsize=(6, 3.5))

@@ -6,6 +6,7 @@ looks at the test split.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,8 +230,6 @@ def image_folder(
     Inputs stay in [0, 1] (normalisation is inside the model). A crop larger than the images
     upsamples them: a warning names the factor, since it multiplies the cost of every step.
     """
-    import warnings
-
     from torchvision import datasets
 
     root = Path(root)

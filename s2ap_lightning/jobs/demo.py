@@ -80,7 +80,7 @@ class DemoConfig:
     eps: float = 0.1
     step_size: float = 0.025
     pgd_steps: int = 20
-    aa_images: int = 200
+    aa_images: int = 100
     progress: bool = True
 
 

@@ -510,7 +510,7 @@ def run_submitit(spec: StudySpec, executor: Any = None) -> None:
 
 def run_study(spec: StudySpec) -> Path | None:
     """Run (or resume) a study; write ``study.csv``, ``study.md`` and plots when every cell is done."""
-    from s2ap_lightning.jobs.study_report import write_study_report
+    from s2ap_lightning.jobs.study_report import write_study_report  # it imports this module
 
     spec.folder.mkdir(parents=True, exist_ok=True)
     (spec.folder / "spec.yaml").write_text(yaml.safe_dump(asdict(spec), sort_keys=False))

@@ -37,7 +37,7 @@ from s2ap_lightning.evaluation import (
 from s2ap_lightning.evaluation.autoattack import AA_VERSIONS
 from s2ap_lightning.evaluation.record import git_commit, plain
 from s2ap_lightning.models import MODELS, build_model
-from s2ap_lightning.pruning.scores import masked_forward
+from s2ap_lightning.pruning.scores import masked_forward, prunable_weight_names
 from s2ap_lightning.stages.callbacks import EpochSummary
 
 
@@ -294,8 +294,6 @@ class RobustTask(L.LightningModule):
 
     def log_layer_sparsity(self) -> None:
         """Per-layer and global sparsity (exact zeros) of the network this stage evaluates."""
-        from s2ap_lightning.pruning.scores import prunable_weight_names
-
         with torch.no_grad():
             substituted = self.weights_for_eval()
             params = dict(self.model.named_parameters())

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
@@ -133,8 +134,6 @@ class ScoreSpaceSAMPruner(RobustTask):
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
-        from s2ap_lightning.analysis.stability import MaskStabilityCallback
-
         # A tracker the user configured (with its own folder) wins over the default one.
         extra = super().configure_callbacks()
         if any(isinstance(c, MaskStabilityCallback) for c in self.trainer.callbacks):

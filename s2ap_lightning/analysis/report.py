@@ -14,6 +14,25 @@ from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import sparsity_table
 
+#: The columns of the demo's results.csv, the one definition the demo writes and the report reads.
+RESULTS_COLUMNS = [
+    "method",
+    "sparsity",
+    "seed",
+    "gamma",
+    "clean_acc",
+    "pgd_acc",
+    "aa_acc",
+    "n_test",
+    "n_aa",
+    "checks_passed",
+    "mask_pgd_acc",
+    "mask_hamming_last_epoch",
+    "lambda_max",
+    "sharpness",
+    "global_sparsity",
+]
+
 
 def _read_results(path: Path) -> list[dict[str, Any]]:
     rows = []
@@ -111,23 +130,8 @@ def write_report(runs: Path) -> Path:
         fig.savefig(runs / "layer_sparsity.png", dpi=120)
         figures.append(("Per-layer sparsity of the exported models", "layer_sparsity.png"))
 
-    cols = [
-        c
-        for c in (
-            "method",
-            "sparsity",
-            "clean_acc",
-            "pgd_acc",
-            "aa_acc",
-            "n_test",
-            "n_aa",
-            "mask_pgd_acc",
-            "mask_hamming_last_epoch",
-            "lambda_max",
-            "sharpness",
-        )
-        if c in rows[0]
-    ]
+    hidden = ("seed", "gamma", "global_sparsity")  # constant or implied in a demo's table
+    cols = [c for c in RESULTS_COLUMNS if c in all_rows[0] and c not in hidden]
 
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)

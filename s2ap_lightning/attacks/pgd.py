@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2ap_lightning.models.modes import eval_mode
+
 ModelFn = Callable[[Tensor], Tensor]
 NORMS = ("linf", "l2")
 
@@ -38,19 +40,6 @@ class AttackConfig:
             raise ValueError(f"attack step_size={self.step_size} must be >= 0")
         if self.steps < 1:
             raise ValueError(f"attack steps={self.steps} must be >= 1")
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put modules in eval mode and restore each submodule's own flag afterwards."""
-    saved = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from s2ap_lightning.analysis.report import RESULTS_COLUMNS as COLUMNS
 from s2ap_lightning.analysis.report import write_report
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
@@ -26,24 +27,6 @@ from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_a
 from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
-
-COLUMNS = [
-    "method",
-    "sparsity",
-    "seed",
-    "gamma",
-    "clean_acc",
-    "pgd_acc",
-    "aa_acc",
-    "n_test",
-    "n_aa",
-    "checks_passed",
-    "mask_pgd_acc",
-    "mask_hamming_last_epoch",
-    "lambda_max",
-    "sharpness",
-    "global_sparsity",
-]
 
 
 @dataclass

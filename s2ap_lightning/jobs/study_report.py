@@ -287,9 +287,8 @@ def _plots(
     fig, axes = subplots(1, len(pairs_cols), figsize=(4 * len(pairs_cols), 4), squeeze=False)
     for ax, (base, sp) in zip(axes[0], pairs_cols, strict=True):
         for seed, (a, b) in sorted(paired(rows, base, sp, "pgd_acc").items()):
-            ax.plot(
-                [0, 1], [100 * a, 100 * b], marker="o", color="tab:green" if b > a else "tab:red", alpha=0.8
-            )
+            color = "tab:green" if b > a else "tab:red" if b < a else "tab:gray"  # S2AP ahead, behind, tied
+            ax.plot([0, 1], [100 * a, 100 * b], marker="o", color=color, alpha=0.8)
             ax.annotate(f"seed {seed}", (1.02, 100 * b), fontsize=7)
         ax.set_xticks([0, 1], [base, f"{base}+s2ap"])
         ax.set_xlim(-0.2, 1.35)

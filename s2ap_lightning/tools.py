@@ -35,7 +35,7 @@ from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
     """Parse ``argv`` for ``fn`` (positional arguments: its parameters without defaults) and call it."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
 
     doc = inspect.getdoc(fn) or ""
     params = inspect.signature(fn).parameters

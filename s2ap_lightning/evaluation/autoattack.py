@@ -84,7 +84,7 @@ def autoattack_adversarial(
     seed: int = 0,
 ) -> tuple[Tensor, list[str]]:
     """AutoAttack adversarial examples under ``plan`` and the warnings AutoAttack's own checks raised."""
-    from pyautoattack import AutoAttack
+    from pyautoattack import AutoAttack  # AutoAttack loads slowly; only evaluations that run it need it
 
     device = x.device
     collect = _Collect()

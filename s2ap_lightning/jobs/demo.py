@@ -229,7 +229,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``s2ap demo``: every field of :class:`DemoConfig` is a flag (``--help``) and a ``--config`` key."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
 
     parser = ArgumentParser(prog="s2ap demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")

@@ -477,7 +477,7 @@ def run_submitit(spec: StudySpec, executor: Any = None) -> None:
     On SLURM the dependencies are SLURM's own (``afterok``), so this returns once everything is queued;
     with submitit's local executor (no dependency support) each wave is awaited before the next.
     """
-    import submitit
+    import submitit  # only the SLURM/submitit launchers need submitit
 
     folder = spec.folder / "submitit"
     if executor is None:
@@ -529,7 +529,7 @@ def run_study(spec: StudySpec) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
 
     parser = ArgumentParser(prog="s2ap study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a study spec (configs/study/*.yaml)")

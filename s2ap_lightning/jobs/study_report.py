@@ -42,7 +42,7 @@ COLUMNS = [
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Mean and the half-width of its Student-t confidence interval (``nan`` with one value)."""
-    from scipy import stats
+    from scipy import stats  # scipy loads slowly; only the study report needs it
 
     n = len(values)
     if n == 0:

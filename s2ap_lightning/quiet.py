@@ -28,11 +28,6 @@ NOISE = (
         "the CSV logger it falls back to is the logger this project uses",
     ),
     (r".*LeafSpec.*", "a deprecation inside Lightning's own code"),
-    (
-        r".*ended before the epoch ended and your dataloader is not resumable.*",
-        "resume is exact here: the sampler's order depends on (seed, epoch) only and the stage skips the "
-        "batches the killed epoch processed (tests/test_resume.py kills a real run and compares masks)",
-    ),
     (r".*does not have many workers.*", "in-memory datasets need no workers; set data.num_workers for files"),
 )
 

@@ -35,8 +35,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_metho
     last = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == kill_at, "the last checkpoint is the step before the kill"
 
+    loader_state = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"seed": 0, "epoch": 1}], loader_state
+
     resumed = run(tmp_path / "run", "resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr, "the training loader is stateful the way Lightning expects"
     result = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
     assert result["global_step"] == reference["global_step"]
     for name, mask in reference["masks"].items():
@@ -47,3 +51,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_metho
         assert torch.equal(result["state"][key], value), key
     if base_method == "harp":
         assert any(k.startswith("scores.rates") for k in reference["state"])
+
+
+def test_resuming_under_another_seed_is_refused():
+    from s2ap_lightning.data.samplers import ResumableLoader, ResumableSampler
+
+    loader = ResumableLoader(list(range(10)), batch_size=2, sampler=ResumableSampler(10, seed=3))
+    assert loader.state_dict() == {"seed": 3, "epoch": 0}
+    loader.load_state_dict({"seed": 3, "epoch": 2})
+    assert loader.sampler.epoch == 2
+    with pytest.raises(
+        ValueError, match=r"resuming with seed 3, but .* used seed 5: pass --seed_everything 5"
+    ):
+        loader.load_state_dict({"seed": 5, "epoch": 2})

@@ -19,7 +19,7 @@ from s2ap_lightning.data.datasets import (
     synthetic,
     torchvision_dataset,
 )
-from s2ap_lightning.data.samplers import ResumableSampler
+from s2ap_lightning.data.samplers import ResumableLoader, ResumableSampler
 from s2ap_lightning.data.subsets import IndexedDataset, class_counts, dataset_labels, stratified_indices
 
 
@@ -179,7 +179,7 @@ class RobustDataModule(L.LightningDataModule):
         if shuffle:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             sampler = self.train_sampler = ResumableSampler(len(data), seed=seed)
-        return DataLoader(
+        return (ResumableLoader if shuffle else DataLoader)(
             data,
             batch_size=self.hparams.batch_size,
             sampler=sampler,

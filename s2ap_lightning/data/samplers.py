@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -42,3 +42,31 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, stateful the way Lightning expects (``state_dict``/``load_state_dict``).
+
+    Its state is the sampler's ``(seed, epoch)``, which fixes the data order of the epoch. The batches a
+    killed epoch had already processed are skipped by the stage (Lightning's batch progress knows how
+    many it processed; the loader cannot, as Lightning fetches one batch ahead). Resuming under another
+    seed would silently change the data order, so it is refused.
+    """
+
+    def _resumable(self) -> ResumableSampler | None:
+        return self.sampler if isinstance(self.sampler, ResumableSampler) else None
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self._resumable()
+        return {} if sampler is None else {"seed": sampler.seed, "epoch": sampler.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self._resumable()
+        if sampler is None or not state:
+            return
+        if state["seed"] != sampler.seed:
+            raise ValueError(
+                f"resuming with seed {sampler.seed}, but the checkpoint's data order used seed "
+                f"{state['seed']}: pass --seed_everything {state['seed']} to resume exactly"
+            )
+        sampler.set_epoch(state["epoch"])

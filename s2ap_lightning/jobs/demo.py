@@ -23,7 +23,7 @@ from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule
-from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_accuracy
+from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy
 from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         # Mask robust accuracy: the pretrained weights under the searched mask, before finetuning.
         masked_model, _ = pruned_state_dict(load_file(prune_ckpt))
         mask_pgd = pgd_accuracy(
-            MaskedModel(masked_model, {}).eval(),
+            masked_model.eval(),
             x_test,
             y_test,
             AttackConfig(cfg.eps, cfg.step_size, cfg.pgd_steps),

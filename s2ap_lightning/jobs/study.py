@@ -25,7 +25,6 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import load_file, model_state_dict
 from s2ap_lightning.data import RobustDataModule
-from s2ap_lightning.evaluation import EvalProtocol, MaskedModel, evaluate, pgd_accuracy, write_record
+from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy, write_record
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
@@ -237,10 +236,14 @@ class _Context:
         self.eps = float(self.common.get("eps", 8 / 255))
         self.step_size = float(self.common.get("step_size", 2 / 255))
         self.norm = str(self.common.get("norm", "linf"))
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # Read only by finetune cells and the mask figure of a search, after selection inputs exist.
-        return split_tensors(self.dm.test_set)
+        # Read by the pretrain and finetune cells only (never by a search, so never by selection);
+        # built once per process.
+        if self._test is None:
+            self._test = split_tensors(self.dm.test_set)
+        return self._test
 
     def protocol(self, spec: StudySpec, seed: int) -> EvalProtocol:
         return EvalProtocol(
@@ -305,7 +308,8 @@ def _pretrain(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[
 
 
 def _search(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[str, Any]:
-    pretrained = read_result(spec, Cell("pretrain", cell.seed))["checkpoint"]
+    pretrain = read_result(spec, Cell("pretrain", cell.seed))
+    pretrained = pretrain["checkpoint"]
     L.seed_everything(cell.seed, verbose=False)
     stability = MaskStabilityCallback(dirpath=str(folder / "masks"))
     pruner = ScoreSpaceSAMPruner(
@@ -342,7 +346,7 @@ def _search(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[st
     history = stability.history
     return {
         "checkpoint": str(ckpt),
-        "init_sha256": weights_hash(pretrained),
+        "init_sha256": pretrain["weights_sha256"],
         "method": f"{cell.base_method}+s2ap" if cell.gamma else cell.base_method,
         "base_method": cell.base_method,
         "sparsity": cell.sparsity,
@@ -391,7 +395,7 @@ def _finetune(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[
     with torch.random.fork_rng():
         torch.manual_seed(cell.seed)
         mask_test = pgd_accuracy(
-            MaskedModel(mask_model, {}),
+            mask_model,
             x_test,
             y_test,
             AttackConfig(ctx.eps, ctx.step_size, spec.eval_pgd_steps, ctx.norm),
@@ -428,29 +432,17 @@ def _figures(record: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _progress(total: int) -> Callable[[Cell, int], None]:
-    started = time.time()
-    durations: dict[str, list[float]] = {}
-    state = {"last": started}
+def _eta(durations: dict[str, list[float]], cells: list[Cell]) -> float | None:
+    """Seconds left for ``cells``, from the mean wall time of the finished cells of each kind.
 
-    def report(cell: Cell, index: int, remaining: Iterable[Cell] = ()) -> None:
-        now = time.time()
-        if index:
-            durations.setdefault(state.get("kind", cell.kind), []).append(now - state["last"])
-        state["last"], state["kind"] = now, cell.kind
-        known = [d for v in durations.values() for d in v]
-        avg = {k: sum(v) / len(v) for k, v in durations.items()}
-        fallback = sum(known) / len(known) if known else None
-        eta = None
-        if fallback is not None:
-            eta = sum(avg.get(c.kind, fallback) for c in remaining)
-        eta_text = f", about {eta / 60:.0f} min left" if eta is not None else ""
-        print(
-            f"[cell {index + 1}/{total}] {cell.key}  (elapsed {(now - started) / 60:.1f} min{eta_text})",
-            flush=True,
-        )
-
-    return report
+    A kind that has not run yet counts at the mean of all kinds; None before any cell has finished.
+    """
+    known = [d for v in durations.values() for d in v]
+    if not known:
+        return None
+    fallback = sum(known) / len(known)
+    mean = {k: sum(v) / len(v) for k, v in durations.items()}
+    return sum(mean.get(c.kind, fallback) for c in cells)
 
 
 def run_local(spec: StudySpec) -> None:
@@ -458,11 +450,15 @@ def run_local(spec: StudySpec) -> None:
     todo = [c for wave in cells_of(spec) for c in wave]
     pending = [c for c in todo if read_result(spec, c) is None]
     print(f"study {spec.name}: {len(todo)} cells, {len(todo) - len(pending)} already finished", flush=True)
-    report = _progress(len(pending))
     ctx = _Context(spec) if pending else None
+    started, durations = time.time(), {}
     for i, cell in enumerate(pending):
-        report(cell, i, pending[i + 1 :] + [cell])
-        run_cell(spec, cell, ctx)
+        eta = _eta(durations, pending[i:])
+        eta_text = "" if eta is None else f", about {eta / 60:.0f} min left"
+        elapsed = (time.time() - started) / 60
+        print(f"[cell {i + 1}/{len(pending)}] {cell.key}  (elapsed {elapsed:.1f} min{eta_text})", flush=True)
+        result = run_cell(spec, cell, ctx)
+        durations.setdefault(cell.kind, []).append(float(result["wall_s"]))
 
 
 def _cell_job(spec_dict: dict[str, Any], cell_dict: dict[str, Any]) -> str:

@@ -169,7 +169,6 @@ class RobustTask(L.LightningModule):
                     "the corners of the L-inf ball (common choices: eps/4 for PGD-10, 2.5 * eps / steps)"
                 )
         self.train_attack = AttackConfig(hp.eps, hp.step_size, hp.attack_steps, hp.norm)
-        self.eval_attack = AttackConfig(hp.eps, hp.step_size, hp.eval_pgd_steps, hp.norm)
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -314,9 +313,8 @@ class RobustTask(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return masked_forward(self.model, self.weights_for_eval(), x)
 
-    def _evaluate(
-        self, batch: tuple[Tensor, Tensor], phase: str, config: AttackConfig, restarts: int
-    ) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Clean and PGD accuracy (the training attack) of the evaluated network: model selection."""
         with attack_context(self.model):
             # Clones: tensors made under inference mode cannot enter an autograd graph.
             x, y = batch[0].clone(), batch[1].clone()
@@ -327,18 +325,13 @@ class RobustTask(L.LightningModule):
 
             with torch.no_grad():
                 clean = model_fn(x)
-            x_adv = pgd_ce(model_fn, x, y, config, restarts)
+            x_adv = pgd_ce(model_fn, x, y, self.train_attack)
             with torch.no_grad():
                 robust = model_fn(x_adv)
-        clean_metric = getattr(self, f"{phase}_clean_acc")
-        robust_metric = getattr(self, f"{phase}_robust_acc")
-        clean_metric(clean, y)
-        robust_metric(robust, y)
-        self.log(f"{phase}/clean_acc", clean_metric, prog_bar=phase == "val")
-        self.log(f"{phase}/robust_acc", robust_metric, prog_bar=phase == "val")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.train_attack, 1)
+        self.val_clean_acc(clean, y)
+        self.val_robust_acc(robust, y)
+        self.log("val/clean_acc", self.val_clean_acc, prog_bar=True)
+        self.log("val/robust_acc", self.val_robust_acc, prog_bar=True)
 
     # ----------------------------------------------------------------- test: the full protocol
     @property

@@ -53,3 +53,55 @@ def device_name() -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class ThroughputTimer(L.Callback):
+    """End-to-end images per second over the steps after the first ``skip``.
+
+    The device is synchronised before the first timed step and after the last one only, so the
+    figure includes Lightning's loop, data loading and hooks and lets the host run ahead of the GPU
+    as it does in a real run. For per-phase device times see ``profile_s2ap_step.py``.
+    """
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.images = 0
+        self.steps = 0
+        self._start: float | None = None
+        self._run_start: float | None = None
+        self._end: float | None = None
+        self.warmup_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        sync()
+        self._run_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.skip:
+            sync()
+            self._start = time.perf_counter()
+            self.warmup_seconds = self._start - (self._run_start or self._start)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx < self.skip:
+            return
+        self.images += batch[0].shape[0]
+        self.steps += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        sync()
+        self._end = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        if self._start is None or self._end is None:
+            raise RuntimeError("no timed step: raise the number of batches above `skip`")
+        return self._end - self._start
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps

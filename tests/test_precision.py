@@ -1,4 +1,6 @@
-"""bf16-mixed for every stage with attacks in fp32; channels_last."""
+"""bf16-mixed for every stage with attacks in fp32 (or at the training precision); channels_last."""
+
+import importlib
 
 import pytest
 import torch
@@ -49,3 +51,76 @@ def test_every_stage_trains_in_bf16(
         path = str(tmp_path / f"{cls.__name__}.ckpt")
         trainer.save_checkpoint(path)
     assert dtypes and all(d == torch.float32 for d in dtypes), "attacks saw fp32 logits"
+
+
+# ----------------------------------------------------------------- attack_precision
+
+
+@pytest.mark.parametrize("loss_name", ["pgd_at", "trades"])
+def test_training_precision_attack_runs_in_bf16_and_still_attacks(loss_name):
+    """Under autocast, ``autocast=True`` attacks in bf16; the examples still raise the loss and stay
+    in the ball and in [0, 1], and come back in fp32."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 4, 3)
+    x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    seen = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    config = AttackConfig(eps=0.1, step_size=0.03, steps=5)
+    loss = losses.build_robust_loss(loss_name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = loss.adversarial(model, x, y, config, model, autocast=True)
+        low = set(seen)
+        seen.clear()
+        loss.adversarial(model, x, y, config, model)  # the default: fp32 even inside autocast
+    assert low == {torch.bfloat16} and set(seen) == {torch.float32}
+    assert x_adv.dtype == torch.float32
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        if loss_name == "pgd_at":
+            assert ce(model(x_adv), y) > ce(model(x), y) + 0.01
+        else:  # TRADES maximises the KL to the clean prediction, which is 0 at x
+            kl = torch.nn.functional.kl_div(
+                model(x_adv).log_softmax(1), model(x).softmax(1), reduction="batchmean"
+            )
+            assert kl > 1e-4
+
+
+def test_attack_precision_training_reaches_every_stage_but_not_validation(
+    tmp_path, fast_kwargs, synthetic_dm, trainer_factory, monkeypatch
+):
+    # The module, not the function of the same name that s2ap_lightning.attacks re-exports.
+    pgd_module = importlib.import_module("s2ap_lightning.attacks.pgd")
+    train_dtypes, val_dtypes = [], []
+    real_train_pgd, real_pgd = losses.pgd, pgd_module.pgd
+
+    def recording(store, real):
+        def wrapped(model_fn, x, objective, config, start=None):
+            store.append(model_fn(x.float()).dtype)
+            return real(model_fn, x, objective, config, start)
+
+        return wrapped
+
+    monkeypatch.setattr(losses, "pgd", recording(train_dtypes, real_train_pgd))  # training attacks
+    monkeypatch.setattr(pgd_module, "pgd", recording(val_dtypes, real_pgd))  # pgd_ce: validation
+    path = None
+    for cls, extra in (
+        (RobustPretrainer, {}),
+        (ScoreSpaceSAMPruner, {"warmup_epochs": 0, "gamma": 0.1}),
+        (MaskedFinetuner, {"awp_gamma": 0.01}),
+    ):
+        module = cls(init_from=path, attack_precision="training", **extra, **fast_kwargs)
+        trainer = trainer_factory(
+            max_epochs=1, precision="bf16-mixed", limit_val_batches=1, limit_train_batches=2
+        )
+        trainer.fit(module, datamodule=synthetic_dm)
+        assert torch.isfinite(trainer.callback_metrics["train/loss"])
+        path = str(tmp_path / f"{cls.__name__}.ckpt")
+        trainer.save_checkpoint(path)
+    assert len(train_dtypes) == 6 and set(train_dtypes) == {torch.bfloat16}
+    assert val_dtypes and set(val_dtypes) == {torch.float32}, "validation attacks stay fp32"
+
+
+def test_attack_precision_is_validated(fast_kwargs):
+    with pytest.raises(ValueError, match=r"attack_precision='fp16' is unknown; valid: fp32, training"):
+        RobustPretrainer(attack_precision="fp16", **fast_kwargs)

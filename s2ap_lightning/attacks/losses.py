@@ -30,8 +30,15 @@ class RobustLoss:
     name = "base"
 
     def adversarial(
-        self, model_fn: ModelFn, x: Tensor, y: Tensor, config: AttackConfig, *modules: nn.Module
+        self,
+        model_fn: ModelFn,
+        x: Tensor,
+        y: Tensor,
+        config: AttackConfig,
+        *modules: nn.Module,
+        autocast: bool = False,
     ) -> Tensor:
+        """Adversarial examples for this loss; ``autocast`` keeps the caller's autocast (training only)."""
         raise NotImplementedError
 
     def __call__(self, model_fn: ModelFn, x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
@@ -43,8 +50,8 @@ class PGDATLoss(RobustLoss):
 
     name = "pgd_at"
 
-    def adversarial(self, model_fn, x, y, config, *modules):
-        with attack_context(*modules):
+    def adversarial(self, model_fn, x, y, config, *modules, autocast=False):
+        with attack_context(*modules, autocast=autocast):
             return pgd(model_fn, x, lambda z: F.cross_entropy(z, y, reduction="sum"), config)
 
     def __call__(self, model_fn, x, x_adv, y):
@@ -60,8 +67,8 @@ class TRADESLoss(RobustLoss):
     def __init__(self, beta: float = 6.0) -> None:
         self.beta = beta
 
-    def adversarial(self, model_fn, x, y, config, *modules):
-        with attack_context(*modules):
+    def adversarial(self, model_fn, x, y, config, *modules, autocast=False):
+        with attack_context(*modules, autocast=autocast):
             with torch.no_grad():
                 p_clean = F.softmax(model_fn(x).float(), dim=1)
 

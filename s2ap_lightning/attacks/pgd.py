@@ -1,8 +1,11 @@
 """Projected gradient descent on the inputs.
 
 Attacks never touch the model's parameters: gradients are taken with ``torch.autograd.grad`` with
-respect to the input only, in fp32 with autocast off, with the model in eval mode, and they work
-inside Lightning's validation and test loops, which run under ``torch.inference_mode``.
+respect to the input only, with the model in eval mode, and they work inside Lightning's validation
+and test loops, which run under ``torch.inference_mode``. They run in fp32 with autocast off, except
+training attacks whose stage asks for ``attack_precision: training``: those keep the caller's
+autocast (bf16 under ``bf16-mixed``), as fast adversarial training commonly does. The perturbation
+itself, the projection and the returned examples are fp32 either way.
 """
 
 from __future__ import annotations
@@ -43,15 +46,18 @@ class AttackConfig:
 
 
 @contextlib.contextmanager
-def attack_context(*modules: nn.Module) -> Iterator[None]:
-    """Everything an attack needs: gradients on, inference mode and autocast off, eval mode."""
+def attack_context(*modules: nn.Module, autocast: bool = False) -> Iterator[None]:
+    """Everything an attack needs: gradients on, inference mode off, eval mode, autocast off.
+
+    Args:
+        *modules: put in eval mode for the attack (their own flags are restored afterwards).
+        autocast: keep the caller's autocast instead of forcing fp32 (training attacks under
+            ``attack_precision: training`` only; evaluation attacks never pass it).
+
+    """
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    with (
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        torch.autocast(device_type, enabled=False),
-        eval_mode(*modules),
-    ):
+    precision = contextlib.nullcontext() if autocast else torch.autocast(device_type, enabled=False)
+    with torch.inference_mode(False), torch.enable_grad(), precision, eval_mode(*modules):
         yield
 
 

@@ -37,8 +37,12 @@ from s2ap_lightning.evaluation import (
 from s2ap_lightning.evaluation.autoattack import AA_VERSIONS
 from s2ap_lightning.evaluation.record import git_commit, plain
 from s2ap_lightning.models import MODELS, build_model
+from s2ap_lightning.models.compiled import ModelForward
 from s2ap_lightning.pruning.scores import masked_forward, prunable_weight_names
 from s2ap_lightning.stages.callbacks import EpochSummary
+
+#: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
+ATTACK_PRECISIONS = ("fp32", "training")
 
 
 def check_range(
@@ -97,6 +101,13 @@ class RobustTask(L.LightningModule):
         aa_seed: seed of the AutoAttack sample.
         check_tolerance: noise allowed by the gradient-masking checks, as a fraction of the images
             compared (at least one image).
+        attack_precision: precision of the training attacks: ``fp32`` (autocast off, the default)
+            or ``training`` (the Trainer's precision: bf16 autocast under ``bf16-mixed``, several
+            times fewer bytes per attack step on GPUs). Validation, ``s2ap test``, AutoAttack and the
+            analyses always attack in fp32, so evaluations never depend on this option.
+        compile: run the model through ``torch.compile`` in training attacks and losses (masks stay
+            functional, so a new mask never recompiles); the first steps pay the compilation. Where
+            compiling is unsupported, training runs eager after one warning.
 
     """
 
@@ -126,6 +137,8 @@ class RobustTask(L.LightningModule):
         aa_version: str = "standard",
         aa_seed: int = 0,
         check_tolerance: float = 0.005,
+        attack_precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -157,6 +170,10 @@ class RobustTask(L.LightningModule):
         check_range("aa_images", hp.aa_images, 0, None)
         check_range("aa_batch_size", hp.aa_batch_size, 1, None)
         check_range("check_tolerance", hp.check_tolerance, 0.0, 1.0, high_open=True)
+        if hp.attack_precision not in ATTACK_PRECISIONS:
+            raise ValueError(
+                f"attack_precision={hp.attack_precision!r} is unknown; valid: {', '.join(ATTACK_PRECISIONS)}"
+            )
         if hp.aa_version not in AA_VERSIONS:
             raise ValueError(f"aa_version={hp.aa_version!r} is unknown; valid: {', '.join(AA_VERSIONS)}")
         if hp.norm == "linf":
@@ -173,6 +190,9 @@ class RobustTask(L.LightningModule):
     def configure_models(self) -> None:
         hp = self.hparams
         self.model = build_model(hp.model, hp.num_classes, hp.in_channels, hp.mean, hp.std, hp.image_size)
+        # How training attacks and losses call the model (eager or compiled); not a submodule, so
+        # the state dict stays the plain model's.
+        self.forward_fn = ModelForward(self.model, compile=hp.compile)
 
     def configure_losses(self) -> None:
         self.robust_loss = build_robust_loss(self.hparams.robust_loss, self.hparams.beta)
@@ -264,12 +284,32 @@ class RobustTask(L.LightningModule):
             data.skip_train_batches(done)
 
     # ----------------------------------------------------------------- training
+    def net(self, weights: Mapping[str, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
+        """The model as training attacks and losses call it, ``weights`` substituted (compiled or not)."""
+        return self.forward_fn.bind(weights)
+
+    def training_attack(self, model_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The robust loss's own adversarial examples, at ``attack_precision``."""
+        autocast = self.hparams.attack_precision == "training"
+        return self.robust_loss.adversarial(model_fn, x, y, self.train_attack, self.model, autocast=autocast)
+
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logged values (every ``log_every_n_steps``).
+
+        Training clean accuracy costs an extra forward for losses that do not compute clean logits
+        (PGD-AT); it is computed only on the steps whose values reach the logger.
+        """
+        if self._trainer is None:
+            return True
+        every = max(int(self.trainer.log_every_n_steps), 1)
+        return (self.global_step + 1) % every == 0
+
     def log_training(self, out: LossOutput, y: Tensor, clean_logits: Callable[[], Tensor]) -> None:
         """Log loss, clean and robust training accuracy; stop on a non-finite loss.
 
         Clean accuracy reuses the loss's clean logits where it has them (TRADES, MART); otherwise
-        ``clean_logits`` is called once, without gradients and in eval mode (so BatchNorm statistics
-        are not touched).
+        ``clean_logits`` is called without gradients and in eval mode (so BatchNorm statistics are
+        not touched), on the steps Lightning logs only (:meth:`logs_this_step`).
         """
         loss, logits_adv = out.loss, out.logits_adv
         if not torch.isfinite(loss):
@@ -280,13 +320,14 @@ class RobustTask(L.LightningModule):
             )
         self.train_robust_acc(logits_adv.detach(), y)
         clean = out.logits_clean
-        if clean is None:
+        if clean is None and self.logs_this_step():
             with torch.no_grad(), eval_mode(self.model):
                 clean = clean_logits()
-        self.train_clean_acc(clean.detach(), y)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/robust_acc", self.train_robust_acc)
-        self.log("train/clean_acc", self.train_clean_acc)
+        if clean is not None:
+            self.train_clean_acc(clean.detach(), y)
+            self.log("train/clean_acc", self.train_clean_acc)
 
     def on_train_epoch_end(self) -> None:
         self.log_layer_sparsity()

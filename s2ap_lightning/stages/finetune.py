@@ -53,10 +53,11 @@ class MaskedFinetuner(RobustPretrainer):
         if hp.awp_gamma == 0 or self.current_epoch < hp.awp_warmup_epochs:
             return super().training_step(batch, batch_idx)
         x, y = batch
-        x_adv = self.robust_loss.adversarial(self.model, x, y, self.train_attack, self.model)
+        net = self.net()
+        x_adv = self.training_attack(net, x, y)
         weights = {n: p for n, p in self.model.named_parameters() if p.dim() > 1}
         with frozen_bn_statistics(self.model):  # the ascent pass must not move BatchNorm statistics
-            ascent = self.robust_loss(self.model, x, x_adv, y).loss
+            ascent = self.robust_loss(net, x, x_adv, y).loss
         grads = dict(zip(weights, torch.autograd.grad(ascent, list(weights.values())), strict=True))
         masks = dict(self.masks.items())
         # The same layer-wise relative step as S2AP's, on the weights; pruned weights stay zero.
@@ -68,8 +69,8 @@ class MaskedFinetuner(RobustPretrainer):
                 weights[name].add_(v)
         # Removed in on_before_optimizer_step: the gradient is taken at w + v, the step made from w.
         self._awp_offsets = offsets
-        out = self.robust_loss(self.model, x, x_adv, y)
-        self.log_training(out, y, lambda: self.model(x))
+        out = self.robust_loss(net, x, x_adv, y)
+        self.log_training(out, y, lambda: net(x))
         return out.loss
 
     def configure_models(self) -> None:

@@ -12,7 +12,8 @@ class RobustPretrainer(RobustTask):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        x_adv = self.robust_loss.adversarial(self.model, x, y, self.train_attack, self.model)
-        out = self.robust_loss(self.model, x, x_adv, y)
-        self.log_training(out, y, lambda: self.model(x))
+        net = self.net()
+        x_adv = self.training_attack(net, x, y)
+        out = self.robust_loss(net, x, x_adv, y)
+        self.log_training(out, y, lambda: net(x))
         return out.loss

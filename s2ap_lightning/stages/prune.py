@@ -27,7 +27,6 @@ from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
-from s2ap_lightning.pruning.scores import masked_forward
 from s2ap_lightning.stages.base import RobustTask, check_range
 
 
@@ -181,13 +180,11 @@ class ScoreSpaceSAMPruner(RobustTask):
         return self.scores.effective_weights(self.model, masks, differentiable=False)
 
     def _adversarial(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return self.robust_loss.adversarial(
-            lambda inp: masked_forward(self.model, weights, inp), x, y, self.train_attack, self.model
-        )
+        return self.training_attack(self.net(weights), x, y)
 
     def _loss(self, masks: Mapping[str, Tensor], x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
         weights = self.scores.effective_weights(self.model, masks, differentiable=True)
-        out = self.robust_loss(lambda inp: masked_forward(self.model, weights, inp), x, x_adv, y)
+        out = self.robust_loss(self.net(weights), x, x_adv, y)
         extra = self.scores.extra_loss()
         if extra is not None:
             out.loss = out.loss + extra
@@ -242,7 +239,7 @@ class ScoreSpaceSAMPruner(RobustTask):
                     self.manual_backward(out.loss)
             self.log("train/loss_pass1", first.loss.detach())
         # Raises on a non-finite loss, before the step. Clean logits under this step's mask.
-        self.log_training(out, y, lambda: masked_forward(self.model, at_s, x))
+        self.log_training(out, y, lambda: self.net(at_s)(x))
         # 4. The descent from s with the gradient taken at s + z; 5. the method's own after-step.
         opt.step()
         self.scores.after_optimizer_step()

@@ -1,0 +1,103 @@
+"""The plain model as the training attacks and losses call it: eager, or through ``torch.compile``.
+
+Masks are applied functionally (``torch.func.functional_call`` with substituted weights), so the
+compiled graph takes the weights as inputs: one graph serves every mask, a new mask never
+recompiles, and the model itself stays a plain ``nn.Module`` (no wrapper in its state dict).
+Compilation is an acceleration, never a requirement: where it is unsupported the forward falls back
+to eager with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+_NO_WEIGHTS: Mapping[str, Tensor] = {}
+
+
+def compile_unsupported_reason() -> str | None:
+    """Why ``torch.compile`` cannot run in this interpreter, or None where it can (as far as known)."""
+    try:
+        from torch._dynamo import is_dynamo_supported
+    except ImportError:  # pragma: no cover - every torch this project supports has it
+        return "this torch has no torch._dynamo"
+    if not is_dynamo_supported():
+        return "torch.compile (TorchDynamo) does not support this Python version or platform"
+    return None
+
+
+class ModelForward:
+    """``fwd(x, weights)``: logits of ``model`` with ``weights`` substituted, eager or compiled.
+
+    Args:
+        model: the plain model; the compiled function reads its current parameters on every call.
+        compile: run through ``torch.compile`` (default mode). The first call of each graph compiles
+            (tens of seconds for a ResNet-18); later calls, and new masks, reuse it.
+
+    If compiling fails (no C++ compiler for the CPU backend, an unsupported Python, an operation
+    TorchDynamo cannot trace), the error is reported once as a warning and every later call runs
+    eager: the numbers are the same, only slower. A failure while compiling the backward graph
+    (compiled lazily, on the first backward) is not caught here; it surfaces as the error it is.
+
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.compile = compile
+        self.fallback_reason: str | None = None
+        self._compiled: Callable[[Mapping[str, Tensor], Tensor], Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickling for spawned processes) compile their own function on first use.
+        return {**self.__dict__, "_compiled": None}
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls go through ``torch.compile`` (False once it fell back to eager)."""
+        return self.compile and self.fallback_reason is None
+
+    def _substituted(self, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        # Parameters and buffers not named in `weights` are the model's own (BatchNorm statistics
+        # update in place as in a normal forward).
+        return functional_call(self.model, dict(weights), (x,), strict=False)
+
+    def _compiled_fn(self) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
+        if not self.compiled:
+            return None
+        if self._compiled is None:
+            reason = compile_unsupported_reason()
+            if reason is not None:
+                self._fall_back(reason)
+                return None
+            self._compiled = torch.compile(self._substituted)
+        return self._compiled
+
+    def _fall_back(self, reason: str) -> None:
+        self._compiled = None
+        self.fallback_reason = reason
+        warnings.warn(
+            f"compile=true is not usable here, training runs eager (same results, slower): {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def __call__(self, x: Tensor, weights: Mapping[str, Tensor] | None = None) -> Tensor:
+        weights = _NO_WEIGHTS if weights is None else weights
+        compiled = self._compiled_fn()
+        if compiled is not None:
+            try:
+                return compiled(weights, x)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: report it, run eager
+                first_line = (str(err).strip().splitlines() or [""])[0][:300]
+                self._fall_back(f"{type(err).__name__}: {first_line}")
+        if not weights:
+            return self.model(x)
+        return self._substituted(weights, x)
+
+    def bind(self, weights: Mapping[str, Tensor] | None) -> Callable[[Tensor], Tensor]:
+        """A one-argument model function (what attacks and robust losses take) for these weights."""
+        return lambda x: self(x, weights)

@@ -105,3 +105,20 @@ class ThroughputTimer(L.Callback):
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / self.steps
+
+
+def one_epoch_trainer(callbacks: list[L.Callback], **overrides: object) -> L.Trainer:
+    """One training epoch, one device, nothing written and nothing printed but the stage's lines."""
+    settings: dict[str, object] = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    settings.update(overrides)
+    return L.Trainer(callbacks=callbacks, **settings)

@@ -33,7 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import ThroughputTimer, device_name  # noqa: E402
+from _timing import ThroughputTimer, device_name, one_epoch_trainer  # noqa: E402
 
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
 
@@ -108,19 +108,8 @@ def measure(
     torch.manual_seed(0)
     module = build(stage, args, variant)
     timer = ThroughputTimer(skip=args.warmup)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator=args.accelerator,
-        devices=1,
-        precision=precision,
-        logger=False,
-        callbacks=[timer],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        benchmark=args.accelerator == "gpu",
+    trainer = one_epoch_trainer(
+        [timer], accelerator=args.accelerator, precision=precision, benchmark=args.accelerator == "gpu"
     )
     trainer.fit(module, train_dataloaders=loader(args, batch_size, args.warmup + steps))
     run = Run(

@@ -55,7 +55,7 @@ def test_unsupported_compile_falls_back_to_eager_with_a_reason(monkeypatch):
     x = torch.rand(2, 3, 8, 8)
     expected = model(x)
 
-    def broken(fn):
+    def broken(fn, **options):
         def call(*args):
             raise RuntimeError("backend 'inductor' failed: no working C++ compiler found")
 

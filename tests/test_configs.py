@@ -37,6 +37,11 @@ def test_trainer_presets_parse(trainer, capsys):
     )
     if trainer.stem == "slurm":
         assert "SLURMEnvironment" in out and "auto_requeue: true" in out
-    if trainer.stem in ("gpu", "ddp", "slurm"):
+    if trainer.stem in ("gpu", "gpu_large_batch", "ddp", "slurm"):
         assert "precision: bf16-mixed" in out
+    if trainer.stem == "gpu_large_batch":  # the preset reaches the stage's own options
+        assert "attack_precision: training" in out and "compile: true" in out
+        assert "gamma: 0.01" in out, "the stage config's values survive"
+    else:
+        assert "attack_precision: fp32" in out and "compile: false" in out
     assert "gradient_clip_val: null" in out, "manual optimisation: no clipping in shared presets"

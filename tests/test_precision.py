@@ -1,6 +1,7 @@
 """bf16-mixed for every stage with attacks in fp32 (or at the training precision); channels_last."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,42 @@ def test_attack_precision_training_reaches_every_stage_but_not_validation(
 def test_attack_precision_is_validated(fast_kwargs):
     with pytest.raises(ValueError, match=r"attack_precision='fp16' is unknown; valid: fp32, training"):
         RobustPretrainer(attack_precision="fp16", **fast_kwargs)
+
+
+def test_training_clean_accuracy_only_on_logged_steps(tmp_path, fast_kwargs, synthetic_dm):
+    """PGD-AT has no clean logits: the extra clean forward runs on the steps Lightning logs, and the
+    logged rows carry the clean accuracy."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.conftest import quiet_trainer
+
+    module = RobustPretrainer(**fast_kwargs)
+    calls = []
+    real = module.net
+
+    def counting_net(weights=None):
+        fn = real(weights)
+
+        def call(x):
+            calls.append(torch.is_grad_enabled())
+            return fn(x)
+
+        return call
+
+    module.net = counting_net
+    trainer = quiet_trainer(
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+    )
+    trainer.fit(module, datamodule=synthetic_dm)
+    # Per step: 2 attack-step forwards (attack_steps=2) and the loss's; the clean forward (no grad)
+    # on steps 3 and 6 only.
+    assert calls.count(False) == 2
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    logged = [r for r in rows if r.get("train/clean_acc")]
+    assert [int(r["step"]) for r in logged] == [2, 5]

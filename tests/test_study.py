@@ -168,4 +168,6 @@ def test_bad_spec_is_refused_before_anything_runs(tmp_path):
         tiny_spec(tmp_path, launcher="pbs")
     with pytest.raises(ValueError, match=r"base_methods=\['obd'\]"):
         tiny_spec(tmp_path, base_methods=["obd"])
+    with pytest.raises(ValueError, match=r"attack_precision='bf16' is unknown; valid: fp32, training"):
+        tiny_spec(tmp_path, attack_precision="bf16")
     assert not any(tmp_path.iterdir())

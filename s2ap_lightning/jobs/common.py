@@ -19,11 +19,13 @@ def stage_trainer(
     progress: bool,
     callbacks: list[L.Callback] | None = None,
     accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> L.Trainer:
     """A one-device deterministic Trainer writing logs and ``best.ckpt``/``last.ckpt`` under ``root``."""
     return L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,
+        precision=precision,
         devices=1,
         logger=CSVLogger(root, name="logs"),
         callbacks=[*checkpoint_callbacks(str(root)), *(callbacks or [])],

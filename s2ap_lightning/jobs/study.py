@@ -44,6 +44,7 @@ from s2ap_lightning.export import plain_model
 from s2ap_lightning.jobs.common import split_tensors, stage_trainer
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
+from s2ap_lightning.stages.base import ATTACK_PRECISIONS
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 
@@ -78,6 +79,10 @@ class StudySpec:
         sharpness_iters: power iterations of lambda_max.
         threads: torch CPU threads (0: torch's default).
         accelerator: Lightning accelerator of every stage (``cpu``, ``gpu``, ``auto``).
+        precision: Lightning precision of every stage (``32-true``, ``bf16-mixed``).
+        attack_precision: precision of the training attacks of every stage (``fp32`` or
+            ``training``; see ``RobustTask``). Evaluations attack in fp32 regardless.
+        compile: ``torch.compile`` the model in training attacks and losses of every stage.
         progress: progress bars inside stages.
         launcher: ``local`` (in order, this process), ``slurm`` (one submitit job per cell) or
             ``submitit_local`` (submitit's local executor; what the tests use).
@@ -109,6 +114,9 @@ class StudySpec:
     sharpness_iters: int = 20
     threads: int = 0
     accelerator: str = "cpu"
+    precision: str = "32-true"
+    attack_precision: str = "fp32"
+    compile: bool = False
     progress: bool = False
     launcher: str = "local"
     slurm: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +128,9 @@ class StudySpec:
         for s in self.sparsities:
             if not 0.0 < s < 1.0:
                 raise ValueError(f"sparsities: {s} is out of range: valid range is (0.0, 1.0)")
+        if self.attack_precision not in ATTACK_PRECISIONS:
+            valid = ", ".join(ATTACK_PRECISIONS)
+            raise ValueError(f"attack_precision={self.attack_precision!r} is unknown; valid: {valid}")
         if not self.gammas or any(g <= 0 for g in self.gammas):
             raise ValueError(
                 f"gammas={self.gammas!r}: give at least one gamma, each > 0 (gamma 0 is the base)"
@@ -147,6 +158,10 @@ class StudySpec:
     @property
     def folder(self) -> Path:
         return Path(self.out or f"results/{self.name}")
+
+    def trainer_settings(self) -> dict[str, str]:
+        """The Trainer options every stage of the study shares."""
+        return {"accelerator": self.accelerator, "precision": self.precision}
 
     def data_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(DataModule kwargs, model kwargs)`` from the data config."""
@@ -231,6 +246,8 @@ class _Context:
             "num_classes": self.dm.num_classes,
             "in_channels": self.dm.in_channels,
             "image_size": self.dm.image_size,
+            "attack_precision": spec.attack_precision,
+            "compile": spec.compile,
         }
         self.x_val, self.y_val = split_tensors(self.dm.val_set)
         self.eps = float(self.common.get("eps", 8 / 255))
@@ -289,7 +306,7 @@ def run_cell(spec: StudySpec, cell: Cell, ctx: _Context | None = None) -> dict[s
 def _pretrain(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[str, Any]:
     L.seed_everything(cell.seed, verbose=False)
     module = RobustPretrainer(lr=spec.pretrain_lr, **ctx.common)
-    stage_trainer(folder, spec.pretrain_epochs, spec.progress, accelerator=spec.accelerator).fit(
+    stage_trainer(folder, spec.pretrain_epochs, spec.progress, **spec.trainer_settings()).fit(
         module, datamodule=ctx.dm
     )
     ckpt = folder / "best.ckpt"
@@ -321,7 +338,7 @@ def _search(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[st
         lr=spec.prune_lr,
         **ctx.common,
     )
-    stage_trainer(folder, spec.prune_epochs, spec.progress, [stability], spec.accelerator).fit(
+    stage_trainer(folder, spec.prune_epochs, spec.progress, [stability], **spec.trainer_settings()).fit(
         pruner, datamodule=ctx.dm
     )
     ckpt = folder / "best.ckpt"
@@ -385,7 +402,7 @@ def _finetune(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[
         awp_gamma=spec.awp_gamma if spec.awp else 0.0,
         **ctx.common,
     )
-    stage_trainer(folder, spec.finetune_epochs, spec.progress, accelerator=spec.accelerator).fit(
+    stage_trainer(folder, spec.finetune_epochs, spec.progress, **spec.trainer_settings()).fit(
         finetuner, datamodule=ctx.dm
     )
     model = plain_model(load_file(folder / "best.ckpt")).eval()

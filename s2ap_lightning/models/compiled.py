@@ -73,7 +73,9 @@ class ModelForward:
             if reason is not None:
                 self._fall_back(reason)
                 return None
-            self._compiled = torch.compile(self._substituted)
+            # Static shapes: a run sees two batch sizes (full batches and the epoch's last one), and
+            # a dynamic-shape graph compiled on seeing the second would serve the full batches too.
+            self._compiled = torch.compile(self._substituted, dynamic=False)
         return self._compiled
 
     def _fall_back(self, reason: str) -> None:

@@ -102,9 +102,9 @@ class RobustTask(L.LightningModule):
         check_tolerance: noise allowed by the gradient-masking checks, as a fraction of the images
             compared (at least one image).
         attack_precision: precision of the training attacks: ``fp32`` (autocast off, the default)
-            or ``training`` (the Trainer's precision: bf16 autocast under ``bf16-mixed``, several
-            times fewer bytes per attack step on GPUs). Validation, ``s2ap test``, AutoAttack and the
-            analyses always attack in fp32, so evaluations never depend on this option.
+            or ``training`` (the Trainer's precision: bf16 autocast under ``bf16-mixed``, half the
+            bytes and the faster matrix units per attack step on GPUs). Validation, ``s2ap test``,
+            AutoAttack and the analyses always attack in fp32, so evaluations never depend on it.
         compile: run the model through ``torch.compile`` in training attacks and losses (masks stay
             functional, so a new mask never recompiles); the first steps pay the compilation. Where
             compiling is unsupported, training runs eager after one warning.
@@ -301,8 +301,10 @@ class RobustTask(L.LightningModule):
         """
         if self._trainer is None:
             return True
-        every = max(int(self.trainer.log_every_n_steps), 1)
-        return (self.global_step + 1) % every == 0
+        every = int(self.trainer.log_every_n_steps)
+        # Lightning's own test (LoggerConnector.should_update_logs), as seen before this step's
+        # optimiser step: one optimiser step per batch in every stage.
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def log_training(self, out: LossOutput, y: Tensor, clean_logits: Callable[[], Tensor]) -> None:
         """Log loss, clean and robust training accuracy; stop on a non-finite loss.

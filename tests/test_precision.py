@@ -127,14 +127,12 @@ def test_attack_precision_is_validated(fast_kwargs):
         RobustPretrainer(attack_precision="fp16", **fast_kwargs)
 
 
-def test_training_clean_accuracy_only_on_logged_steps(tmp_path, fast_kwargs, synthetic_dm):
+def test_training_clean_accuracy_only_on_logged_steps(tmp_path, fast_kwargs, synthetic_dm, trainer_factory):
     """PGD-AT has no clean logits: the extra clean forward runs on the steps Lightning logs, and the
     logged rows carry the clean accuracy."""
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
-
-    from tests.conftest import quiet_trainer
 
     module = RobustPretrainer(**fast_kwargs)
     calls = []
@@ -150,7 +148,7 @@ def test_training_clean_accuracy_only_on_logged_steps(tmp_path, fast_kwargs, syn
         return call
 
     module.net = counting_net
-    trainer = quiet_trainer(
+    trainer = trainer_factory(
         max_epochs=1,
         limit_train_batches=6,
         limit_val_batches=0,

@@ -51,22 +51,40 @@ def test_compiled_step_matches_eager(stage, fast_kwargs, trainer_factory):
 
 
 def test_unsupported_compile_falls_back_to_eager_with_a_reason(monkeypatch):
+    from torch._inductor.exc import InvalidCxxCompiler
+
     model = build_model("small_cnn", 4, 3)
     x = torch.rand(2, 3, 8, 8)
     expected = model(x)
 
     def broken(fn, **options):
         def call(*args):
-            raise RuntimeError("backend 'inductor' failed: no working C++ compiler found")
+            raise InvalidCxxCompiler()  # what Inductor raises on a machine without g++
 
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
     fwd = ModelForward(model, compile=True)
-    with pytest.warns(RuntimeWarning, match="compile=true is not usable here.*no working C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="compile=true is not usable here.*No working C\\+\\+ compiler"):
         out = fwd(x)
     assert torch.equal(out, expected) and not fwd.compiled
     assert torch.equal(fwd(x), expected)  # no second warning, no second attempt
+
+
+def test_errors_of_the_computation_are_not_swallowed(monkeypatch):
+    """A wrong input (or out of memory) under compile raises as it would eager; compile stays on."""
+
+    def failing(fn, **options):
+        def call(*args):
+            raise ValueError("expected input with 3 channels, got 5")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing)
+    fwd = ModelForward(build_model("small_cnn", 4, 3), compile=True)
+    with pytest.raises(ValueError, match="3 channels"):
+        fwd(torch.rand(2, 5, 8, 8))
+    assert fwd.compiled
 
 
 def test_compile_unsupported_interpreter_is_reported_before_any_call(monkeypatch):

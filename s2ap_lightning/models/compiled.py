@@ -30,6 +30,19 @@ def compile_unsupported_reason() -> str | None:
     return None
 
 
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this could not be compiled" (not "this model or input is wrong").
+
+    TorchDynamo's own (unsupported code, a failed backend, Inductor's wrapped errors) and Inductor's
+    toolchain errors. Anything else raised by a compiled call (a shape error, out of memory)
+    propagates as it would eager.
+    """
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, OperatorIssue
+
+    return (TorchDynamoException, CppCompileError, InvalidCxxCompiler, OperatorIssue)
+
+
 class ModelForward:
     """``fwd(x, weights)``: logits of ``model`` with ``weights`` substituted, eager or compiled.
 
@@ -39,8 +52,9 @@ class ModelForward:
             (tens of seconds for a ResNet-18); later calls, and new masks, reuse it.
 
     If compiling fails (no C++ compiler for the CPU backend, an unsupported Python, an operation
-    TorchDynamo cannot trace), the error is reported once as a warning and every later call runs
-    eager: the numbers are the same, only slower. A failure while compiling the backward graph
+    TorchDynamo cannot trace: :func:`compile_errors`), the error is reported once as a warning and
+    every later call runs eager: the numbers are the same, only slower. Errors of the computation
+    itself propagate unchanged. A failure while compiling the backward graph
     (compiled lazily, on the first backward) is not caught here; it surfaces as the error it is.
 
     """
@@ -93,7 +107,7 @@ class ModelForward:
         if compiled is not None:
             try:
                 return compiled(weights, x)
-            except Exception as err:  # noqa: BLE001 - any compiler failure: report it, run eager
+            except compile_errors() as err:
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
                 self._fall_back(f"{type(err).__name__}: {first_line}")
         if not weights:

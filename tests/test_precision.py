@@ -162,3 +162,20 @@ def test_training_clean_accuracy_only_on_logged_steps(tmp_path, fast_kwargs, syn
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     logged = [r for r in rows if r.get("train/clean_acc")]
     assert [int(r["step"]) for r in logged] == [2, 5]
+
+
+def test_attacks_stay_fp32_under_cpu_autocast_on_a_machine_with_a_gpu(monkeypatch):
+    """A CPU run with bf16-mixed on a GPU machine: CPU autocast is on, and must be turned off too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = build_model("small_cnn", 4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), attack_context(model):
+        assert model(torch.rand(2, 3, 8, 8)).dtype == torch.float32
+
+
+def test_training_precision_attacks_are_refused_under_fp16(fast_kwargs):
+    from types import SimpleNamespace
+
+    module = RobustPretrainer(attack_precision="training", **fast_kwargs)
+    with pytest.raises(ValueError, match=r"attack_precision='training' with trainer.precision='16-mixed'"):
+        module.check_trainer(SimpleNamespace(max_epochs=1, precision="16-mixed"))
+    module.check_trainer(SimpleNamespace(max_epochs=1, precision="bf16-mixed"))  # accepted

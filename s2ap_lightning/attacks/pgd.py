@@ -55,9 +55,14 @@ def attack_context(*modules: nn.Module, autocast: bool = False) -> Iterator[None
             ``attack_precision: training`` only; evaluation attacks never pass it).
 
     """
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = contextlib.nullcontext() if autocast else torch.autocast(device_type, enabled=False)
-    with torch.inference_mode(False), torch.enable_grad(), precision, eval_mode(*modules):
+    with contextlib.ExitStack() as stack:
+        if not autocast:
+            # Both device types: a CPU run on a machine with a GPU has CPU autocast on.
+            for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(eval_mode(*modules))
         yield
 
 

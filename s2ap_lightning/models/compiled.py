@@ -18,6 +18,13 @@ from torch.func import functional_call
 
 _NO_WEIGHTS: Mapping[str, Tensor] = {}
 
+#: Graphs one process may compile for the model forward. Every ``ModelForward`` shares TorchDynamo's
+#: cache for it, and each combination of train/eval mode, gradients on or off, autocast, BatchNorm
+#: momentum (S2AP's second pass and AWP set it to 0), substituted weights and batch size is a graph:
+#: one S2AP stage needs 8, a study runs several stages in one process. Past TorchDynamo's default
+#: limit (8) the forward would silently run eager.
+RECOMPILE_LIMIT = 64
+
 
 def compile_unsupported_reason() -> str | None:
     """Why ``torch.compile`` cannot run in this interpreter, or None where it can (as far as known)."""
@@ -45,6 +52,9 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
 class ModelForward:
     """``fwd(x, weights)``: logits of ``model`` with ``weights`` substituted, eager or compiled.
+
+    Compiling raises TorchDynamo's recompile limit of the process to at least
+    :data:`RECOMPILE_LIMIT` (a global setting; see there why).
 
     Args:
         model: the plain model; the compiled function reads its current parameters on every call.
@@ -90,6 +100,9 @@ class ModelForward:
             # Static shapes: a run sees two batch sizes (full batches and the epoch's last one), and
             # a dynamic-shape graph compiled on seeing the second would serve the full batches too.
             self._compiled = torch.compile(self._substituted, dynamic=False)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         return self._compiled
 
     def _fall_back(self, reason: str) -> None:
@@ -105,9 +118,10 @@ class ModelForward:
         weights = _NO_WEIGHTS if weights is None else weights
         compiled = self._compiled_fn()
         if compiled is not None:
+            errors = compile_errors()
             try:
                 return compiled(weights, x)
-            except compile_errors() as err:
+            except errors as err:
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
                 self._fall_back(f"{type(err).__name__}: {first_line}")
         if not weights:

@@ -224,6 +224,12 @@ class RobustTask(L.LightningModule):
             raise ValueError(
                 f"trainer.max_epochs={epochs} is out of range: valid are >= 1, or -1 with max_steps"
             )
+        if self.hparams.attack_precision == "training" and str(trainer.precision) == "16-mixed":
+            raise ValueError(
+                f"attack_precision='training' with trainer.precision={trainer.precision!r}: fp16 attacks "
+                "have no loss scaling, so input gradients underflow; use precision bf16-mixed or "
+                "attack_precision fp32"
+            )
 
     def preflight(self, trainer: L.Trainer, stage: str) -> None:
         """Every check that can fail a run, done before the Trainer writes anything (logs, configs)."""
@@ -302,9 +308,10 @@ class RobustTask(L.LightningModule):
         if self._trainer is None:
             return True
         every = int(self.trainer.log_every_n_steps)
-        # Lightning's own test (LoggerConnector.should_update_logs), as seen before this step's
-        # optimiser step: one optimiser step per batch in every stage.
-        return every > 0 and (self.global_step + 1) % every == 0
+        # Lightning's test (LoggerConnector.should_update_logs) with global_step for its count of
+        # stepped batches: the same number before this batch's optimiser step, since every stage
+        # steps once per batch (or per accumulation window, as Lightning counts too).
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def log_training(self, out: LossOutput, y: Tensor, clean_logits: Callable[[], Tensor]) -> None:
         """Log loss, clean and robust training accuracy; stop on a non-finite loss.

@@ -107,8 +107,8 @@ class ThroughputTimer(L.Callback):
         return self.seconds / self.steps
 
 
-def one_epoch_trainer(callbacks: list[L.Callback], **overrides: object) -> L.Trainer:
-    """One training epoch, one device, nothing written and nothing printed but the stage's lines."""
+def bench_trainer(callbacks: list[L.Callback], **overrides: object) -> L.Trainer:
+    """One training epoch (unless overridden), one device, no validation, nothing written."""
     settings: dict[str, object] = dict(
         max_epochs=1,
         accelerator="cpu",

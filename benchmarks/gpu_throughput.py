@@ -33,7 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import ThroughputTimer, device_name, one_epoch_trainer  # noqa: E402
+from _timing import ThroughputTimer, bench_trainer, device_name  # noqa: E402
 
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
 
@@ -108,7 +108,7 @@ def measure(
     torch.manual_seed(0)
     module = build(stage, args, variant)
     timer = ThroughputTimer(skip=args.warmup)
-    trainer = one_epoch_trainer(
+    trainer = bench_trainer(
         [timer], accelerator=args.accelerator, precision=precision, benchmark=args.accelerator == "gpu"
     )
     trainer.fit(module, train_dataloaders=loader(args, batch_size, args.warmup + steps))

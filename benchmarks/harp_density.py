@@ -24,6 +24,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import bench_trainer  # noqa: E402
 
 from s2ap_lightning.data import RobustDataModule  # noqa: E402
 from s2ap_lightning.stages import RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
@@ -89,18 +92,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="s2ap_harp_density_"))
 
     def trainer(epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-        return L.Trainer(
+        return bench_trainer(
+            callbacks,
             max_epochs=epochs,
             accelerator=args.accelerator,
-            devices=1,
             precision=args.precision,
-            logger=False,
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
             limit_val_batches=2,
-            num_sanity_val_steps=0,
         )
 
     L.seed_everything(0, verbose=False)

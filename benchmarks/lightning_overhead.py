@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import ThroughputTimer, device_name, one_epoch_trainer, sync  # noqa: E402
+from _timing import ThroughputTimer, bench_trainer, device_name, sync  # noqa: E402
 
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics  # noqa: E402
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation  # noqa: E402
@@ -82,7 +82,7 @@ def run_lightning(model: str, gamma: float, args: argparse.Namespace) -> tuple[f
         return out
 
     pruner.training_step = timed_step
-    trainer = one_epoch_trainer([timer], log_every_n_steps=args.log_every_n_steps)
+    trainer = bench_trainer([timer], log_every_n_steps=args.log_every_n_steps)
     torch.manual_seed(1)  # the attacks' random starts
     trainer.fit(pruner, train_dataloaders=make_loader(model, args.warmup + args.steps))
     outside = timer.seconds_per_step - sum(inside) / len(inside)

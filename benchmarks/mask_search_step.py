@@ -14,14 +14,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import StepTimer, device_name  # noqa: E402
+from _timing import StepTimer, bench_trainer, device_name  # noqa: E402
 
 from s2ap_lightning.stages import ScoreSpaceSAMPruner  # noqa: E402
 
@@ -44,18 +43,7 @@ def measure(gamma: float, args: argparse.Namespace) -> StepTimer:
         step_size=2 / 255,
     )
     timer = StepTimer(skip=args.warmup)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="auto",
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    trainer = bench_trainer([timer], accelerator="auto", precision=args.precision)
     trainer.fit(pruner, train_dataloaders=loader)
     return timer
 

@@ -80,6 +80,7 @@ BAD = [
     (["--model.model", "resnet99"], r"unknown model 'resnet99'; valid: .*resnet18"),
     (["--model.robust_loss", "fgsm"], r"unknown robust_loss 'fgsm'; valid: pgd_at, trades, mart"),
     (["--model.norm", "l3"], r"norm='l3' is unknown; valid: linf, l2"),
+    (["--model.attack_precision", "fp16"], r"attack_precision='fp16' is unknown; valid: fp32, training"),
     (["--model.init_from", "/no/such/file.ckpt"], r"checkpoint '/no/such/file.ckpt' does not exist"),
     ("WRONG_ARCH", r"does not fit the model SmallCNN: missing keys \[classifier"),
     (["--data.batch_size", "0"], r"batch_size=0 must be >= 1"),

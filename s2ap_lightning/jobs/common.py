@@ -37,6 +37,20 @@ def stage_trainer(
     )
 
 
+def record_figures(record: Any) -> dict[str, Any]:
+    """What a job's table keeps of an evaluation record (``evaluation.EvalRecord``)."""
+    return {
+        "clean_acc": record.clean_acc,
+        "pgd_acc": record.pgd_acc,
+        "aa_acc": record.aa_acc,
+        "n_test": record.n_images,
+        "n_aa": record.n_aa_images,
+        "checks_passed": record.passed,
+        "check_failures": record.failures(),
+        "autoattack": record.autoattack,
+    }
+
+
 def split_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` items (all by default) of a split as ``(x, y)`` tensors."""
     n = len(data) if limit is None else min(limit, len(data))

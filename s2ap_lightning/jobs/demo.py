@@ -25,7 +25,7 @@ from s2ap_lightning.checkpoint import atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy
 from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
-from s2ap_lightning.jobs.common import split_tensors, stage_trainer
+from s2ap_lightning.jobs.common import record_figures, split_tensors, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 
 
@@ -103,25 +103,20 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps, aa_images=cfg.aa_images, subset_seed=cfg.seed
     )
     dense = evaluate(plain_model(load_file(pretrained)).eval(), x_test, y_test, protocol)
-    dense_row = {
-        "method": "dense",
-        "sparsity": 0.0,
-        "seed": cfg.seed,
-        "gamma": None,
-        "clean_acc": dense.clean_acc,
-        "pgd_acc": dense.pgd_acc,
-        "aa_acc": dense.aa_acc,
-        "n_test": dense.n_images,
-        "n_aa": dense.n_aa_images,
-        "checks_passed": dense.passed,
-        "mask_pgd_acc": None,
-        "mask_hamming_last_epoch": None,
-        "lambda_max": None,
-        "sharpness": None,
-        "global_sparsity": 0.0,
-    }
-
-    rows = [dense_row]
+    rows = [
+        {
+            "method": "dense",
+            "sparsity": 0.0,
+            "seed": cfg.seed,
+            "gamma": None,
+            **record_figures(dense),
+            "mask_pgd_acc": None,
+            "mask_hamming_last_epoch": None,
+            "lambda_max": None,
+            "sharpness": None,
+            "global_sparsity": 0.0,
+        }
+    ]
     for k, (method, sparsity) in enumerate(runs):
         gamma = cfg.gamma if method == "s2ap" else 0.0
         tag = f"{method}_sp{sparsity:g}"
@@ -170,12 +165,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
                 "sparsity": sparsity,
                 "seed": cfg.seed,
                 "gamma": gamma,
-                "clean_acc": report.clean_acc,
-                "pgd_acc": report.pgd_acc,
-                "aa_acc": report.aa_acc,
-                "n_test": report.n_images,
-                "n_aa": report.n_aa_images,
-                "checks_passed": report.passed,
+                **record_figures(report),
                 "mask_pgd_acc": mask_pgd,
                 "mask_hamming_last_epoch": stability.history[-1]["hamming"],
                 "lambda_max": sharp.lambda_max,
@@ -199,7 +189,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")  # the CSV's columns only
 
         writer.writeheader()
         writer.writerows(rows)

@@ -41,7 +41,7 @@ from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy, write_record
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model
-from s2ap_lightning.jobs.common import split_tensors, stage_trainer
+from s2ap_lightning.jobs.common import record_figures, split_tensors, stage_trainer
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.base import ATTACK_PRECISIONS
@@ -320,7 +320,7 @@ def _pretrain(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[
         "base_method": "",
         "sparsity": 0.0,
         "gamma": None,
-        **_figures(record),
+        **record_figures(record),
     }
 
 
@@ -431,20 +431,7 @@ def _finetune(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[
         "mask_hamming_last_epoch": search["mask_hamming_last_epoch"],
         "lambda_max": search["lambda_max"],
         "awp": spec.awp,
-        **_figures(record),
-    }
-
-
-def _figures(record: Any) -> dict[str, Any]:
-    return {
-        "clean_acc": record.clean_acc,
-        "pgd_acc": record.pgd_acc,
-        "aa_acc": record.aa_acc,
-        "n_test": record.n_images,
-        "n_aa": record.n_aa_images,
-        "checks_passed": record.passed,
-        "check_failures": record.failures(),
-        "autoattack": record.autoattack,
+        **record_figures(record),
     }
 
 

@@ -9,6 +9,7 @@ to eager with one warning that says why.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -26,6 +27,15 @@ _NO_WEIGHTS: Mapping[str, Tensor] = {}
 RECOMPILE_LIMIT = 64
 
 
+def masked_forward(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Run the plain model with some of its weights substituted.
+
+    Parameters and buffers not named in ``weights`` are the model's own, so BatchNorm running
+    statistics update in place exactly as in a normal forward.
+    """
+    return functional_call(model, dict(weights), (x,), strict=False)
+
+
 def compile_unsupported_reason() -> str | None:
     """Why ``torch.compile`` cannot run in this interpreter, or None where it can (as far as known)."""
     try:
@@ -37,6 +47,7 @@ def compile_unsupported_reason() -> str | None:
     return None
 
 
+@functools.cache
 def compile_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "this could not be compiled" (not "this model or input is wrong").
 
@@ -85,9 +96,7 @@ class ModelForward:
         return self.compile and self.fallback_reason is None
 
     def _substituted(self, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        # Parameters and buffers not named in `weights` are the model's own (BatchNorm statistics
-        # update in place as in a normal forward).
-        return functional_call(self.model, dict(weights), (x,), strict=False)
+        return masked_forward(self.model, weights, x)
 
     def _compiled_fn(self) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
         if not self.compiled:

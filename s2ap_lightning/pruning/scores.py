@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from s2ap_lightning.models.compiled import masked_forward  # noqa: F401 - this module's public name
 from s2ap_lightning.pruning.masks import (
     kept_count,
     scaled_score_init,
@@ -187,15 +188,6 @@ class ScoreSet(nn.Module):
         """Fraction of prunable weights kept."""
         kept = sum(float(m.sum()) for m in masks.values())
         return kept / sum(m.numel() for m in masks.values())
-
-
-def masked_forward(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    """Run the plain model with some of its weights substituted.
-
-    Parameters and buffers not named in ``weights`` are the model's own, so BatchNorm running
-    statistics update in place exactly as in a normal forward.
-    """
-    return functional_call(model, dict(weights), (x,), strict=False)
 
 
 #: Which scalar HARP's summed mask gradient is the gradient of (see :class:`HarpScoreSet`).

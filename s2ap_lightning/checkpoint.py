@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,12 @@ def load_file(path: str | Path) -> Any:
             f"checkpoint {str(path)!r} cannot be loaded with weights_only=True: it needs "
             f"arbitrary code to unpickle, which this project refuses ({err})"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({err})") from err
+    except Exception as err:
+        # Damaged bytes reach the legacy unpickler, which fails in whatever way the garbage leads it:
+        # besides the errors above, IndexError, KeyError and UnicodeDecodeError (seen on random bytes).
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupted ({type(err).__name__}: {err})"
+        ) from err
 
 
 def model_state_dict(obj: Any, prefix: str = "model.") -> dict[str, Tensor]:

@@ -39,9 +39,20 @@ def test_trainer_presets_parse(trainer, capsys):
         assert "SLURMEnvironment" in out and "auto_requeue: true" in out
     if trainer.stem in ("gpu", "gpu_large_batch", "ddp", "slurm"):
         assert "precision: bf16-mixed" in out
-    if trainer.stem == "gpu_large_batch":  # the preset reaches the stage's own options
-        assert "attack_precision: training" in out and "compile: true" in out
-        assert "gamma: 0.01" in out, "the stage config's values survive"
-    else:
+    if trainer.stem != "gpu_large_batch":
         assert "attack_precision: fp32" in out and "compile: false" in out
     assert "gradient_clip_val: null" in out, "manual optimisation: no clipping in shared presets"
+
+
+@pytest.mark.parametrize("preset_first", [False, True], ids=["preset_last", "preset_first"])
+def test_large_batch_preset_composes_with_stage_and_data_in_either_order(preset_first, capsys):
+    preset = CONFIGS / "trainer" / "gpu_large_batch.yaml"
+    others = [CONFIGS / "stages" / "s2ap.yaml", CONFIGS / "data" / "digits.yaml"]
+    out = print_config(*([preset, *others] if preset_first else [*others, preset]), capsys=capsys)
+    # The preset reaches the stage's own options ...
+    assert "attack_precision: training" in out and "compile: true" in out
+    # ... without replacing the stage class or the values the other configs set (digits' eps and
+    # step size differ from the class defaults, so losing them would show).
+    assert "class_path: s2ap_lightning.stages.ScoreSpaceSAMPruner" in out
+    assert "eps: 0.1" in out and "step_size: 0.025" in out
+    assert "precision: bf16-mixed" in out

@@ -61,6 +61,18 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return (TorchDynamoException, CppCompileError, InvalidCxxCompiler, OperatorIssue)
 
 
+def describe_compile_error(err: BaseException) -> str:
+    """``Type: first line`` of the error that stopped compilation, for the fallback warning.
+
+    TorchDynamo wraps a failing backend (Inductor without a C++ compiler, say) in
+    ``BackendCompilerFailed``, whose own first line only says which backend raised: the wrapped
+    error is the reason a user can act on.
+    """
+    err = getattr(err, "inner_exception", None) or err
+    first_line = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first_line}"
+
+
 class ModelForward:
     """``fwd(x, weights)``: logits of ``model`` with ``weights`` substituted, eager or compiled.
 
@@ -131,8 +143,7 @@ class ModelForward:
             try:
                 return compiled(weights, x)
             except errors as err:
-                first_line = (str(err).strip().splitlines() or [""])[0][:300]
-                self._fall_back(f"{type(err).__name__}: {first_line}")
+                self._fall_back(describe_compile_error(err))
         if not weights:
             return self.model(x)
         return self._substituted(weights, x)

@@ -17,7 +17,8 @@ NOISE = (
     ),
     (
         r".*Checkpoint directory .* exists and is not empty.*",
-        "`s2ap fit` refuses another run's folder itself; left are resumes and explicit --overwrite",
+        "`s2ap fit` and `s2ap demo` refuse a folder that holds a run; left are resumes, --overwrite "
+        "and the study's own cells (each resumed or rerun on purpose)",
     ),
     (
         r".*The dirpath has changed from.*",

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
@@ -27,7 +26,7 @@ from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import hamming as distance_of
 from s2ap_lightning.analysis.stability import load_masks
 from s2ap_lightning.checkpoint import load_file, refuse_existing
-from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.data import RobustDataModule, split_tensors
 from s2ap_lightning.export import export as export_file
 from s2ap_lightning.export import plain_model
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
@@ -42,7 +41,7 @@ def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
     variadic = getattr(fn, "variadic", None)
     if variadic:
         # Shell globs (`s2ap pick runs/g*`): the leading words are the items of one list parameter.
-        n = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+        n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))  # --opt, -h
         if n:
             argv = [f"--{variadic}", json.dumps(argv[:n]), *argv[n:]]
     parser = ArgumentParser(prog=f"s2ap {name}", description=doc.split("\n\n")[0])
@@ -67,10 +66,7 @@ def _fixed_subset(
     data_hp.pop("test_subset", None)
     dm = RobustDataModule(**data_hp)
     dm.setup()
-    data = dm.val_set if split == "val" else dm.test_set
-    n = min(images, len(data))
-    xs, ys = zip(*[data[i][:2] for i in range(n)], strict=True)
-    return torch.stack(xs), torch.as_tensor(ys)
+    return split_tensors(dm.val_set if split == "val" else dm.test_set, images)
 
 
 def _pruner(path: str) -> tuple[Any, dict]:
@@ -129,6 +125,7 @@ def sharpness(
     dataset: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> int:
     """Score-space sharpness of a mask-search checkpoint, on the robust loss the search used.
 
@@ -146,12 +143,14 @@ def sharpness(
         dataset: override the checkpoint's dataset.
         data_dir: override the checkpoint's data folder.
         seed: seed of the adversarial examples and the start vector.
+        overwrite: replace an existing output file.
 
     """
+    path = Path(out or Path(checkpoint).with_suffix(".sharpness.json"))
+    refuse_existing(path, overwrite)
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     report = score_space_sharpness(pruner, x, y, gamma, max_iter, tol, seed)
-    path = Path(out or Path(checkpoint).with_suffix(".sharpness.json"))
     path.write_text(
         json.dumps({**report.as_dict(), "checkpoint": checkpoint, "split": split}, indent=2) + "\n"
     )
@@ -171,6 +170,7 @@ def landscape(
     dataset: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> int:
     """1-D or 2-D slice of the search's robust loss in score space, with the number of mask flips.
 
@@ -187,13 +187,16 @@ def landscape(
         dataset: override the checkpoint's dataset.
         data_dir: override the checkpoint's data folder.
         seed: seed of the directions and adversarial examples.
+        overwrite: replace existing output files.
 
     """
+    prefix = out or str(Path(checkpoint).with_suffix("")) + f".landscape{dims}d"
+    for suffix in (".png", ".npz"):
+        refuse_existing(prefix + suffix, overwrite)
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     grid = np.linspace(-radius, radius, points)
     land = (landscape_1d if dims == 1 else landscape_2d)(pruner, x, y, grid, seed=seed)
-    prefix = out or str(Path(checkpoint).with_suffix("")) + f".landscape{dims}d"
     land.save(prefix)
     land.plot(prefix + ".png", f"{Path(checkpoint).parent.name}: {dims}-D score-space slice")
     print(f"written {prefix}.png and {prefix}.npz")
@@ -211,6 +214,7 @@ def security(
     dataset: str | None = None,
     data_dir: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> int:
     """Security curve (robust accuracy against eps) from FMN minimum-norm perturbations.
 
@@ -225,14 +229,17 @@ def security(
         dataset: override the checkpoint's dataset.
         data_dir: override the checkpoint's data folder.
         seed: unused by FMN; kept so every analysis tool takes the same data options.
+        overwrite: replace existing output files.
 
     """
+    prefix = out or str(Path(checkpoint).with_suffix("")) + ".security"
+    for suffix in (".png", ".json"):
+        refuse_existing(prefix + suffix, overwrite)
     ckpt = load_file(checkpoint)
     model = plain_model(ckpt).eval()
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     top = max_eps or 2 * ckpt["hyper_parameters"].get("eps", 8 / 255)
     curve = security_curve(model, x, y, np.linspace(0, top, 41), norm, steps)
-    prefix = out or str(Path(checkpoint).with_suffix("")) + ".security"
     Path(prefix + ".json").write_text(json.dumps(curve.__dict__, indent=2) + "\n")
     curve.plot(prefix + ".png")
     train_eps = ckpt["hyper_parameters"].get("eps")
@@ -263,14 +270,12 @@ def report(runs: str, overwrite: bool = False) -> int:
     return 0
 
 
-def best_validation_score(path: str | Path) -> float:
+def best_validation_score(ckpt: dict, source: str) -> float:
     """``val/robust_acc`` of a run's best checkpoint, read from its checkpoint callback's state."""
-    path = Path(path)
-    ckpt = load_file(path / "best.ckpt" if path.is_dir() else path)
     for key, state in (ckpt.get("callbacks") or {}).items():
         if "val/robust_acc" in key and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
-    raise ValueError(f"{path}: no val/robust_acc score stored in the checkpoint")
+    raise ValueError(f"{source}: no val/robust_acc score stored in the checkpoint")
 
 
 def pick(runs: list[str]) -> int:
@@ -282,8 +287,8 @@ def pick(runs: list[str]) -> int:
     """
     scored = []
     for run in runs:
-        hp = load_file(Path(run) / "best.ckpt" if Path(run).is_dir() else run).get("hyper_parameters", {})
-        scored.append((best_validation_score(run), run, hp.get("gamma")))
+        ckpt = load_file(Path(run) / "best.ckpt" if Path(run).is_dir() else run)
+        scored.append((best_validation_score(ckpt, run), run, ckpt.get("hyper_parameters", {}).get("gamma")))
     for score, run, gamma in sorted(scored, reverse=True):
         print(f"{score:.4f}  gamma={gamma}  {run}")
     score, run, gamma = max(scored)

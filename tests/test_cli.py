@@ -273,6 +273,34 @@ def test_export_refuses_to_replace_a_file(chained, tmp_path):
     assert main(["export", str(ft), "--out", str(out), "--overwrite", "true"]) == 0
 
 
+@pytest.mark.parametrize(
+    ("tool", "written", "extra"),
+    [
+        ("sharpness", "s.json", ["--max_iter", "2"]),
+        ("landscape", "s.npz", ["--points", "3"]),
+        ("security", "s.png", ["--steps", "5"]),
+    ],
+)
+def test_analysis_tools_refuse_to_replace_a_result(chained, tmp_path, capsys, tool, written, extra):
+    _, _, prune, _ = chained
+    kept = tmp_path / written
+    kept.write_bytes(b"keep me")
+    prefix = str(tmp_path / "s.json") if tool == "sharpness" else str(tmp_path / "s")
+    args = [tool, str(prune), "--images", "8", "--out", prefix, *extra]
+    assert main(args) == 2
+    assert f"{kept} exists" in capsys.readouterr().err and kept.read_bytes() == b"keep me"
+    assert main([*args, "--overwrite", "true"]) == 0
+    assert kept.read_bytes() != b"keep me"
+
+
+def test_pick_help_is_help(capsys):
+    # The run list ends at the first option, short ones too (-h once became a run named "-h").
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pick", "-h"])
+    assert exit_info.value.code == 0
+    assert "by best validation robust accuracy" in capsys.readouterr().out
+
+
 def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     old = os.umask(0o022)

@@ -37,6 +37,17 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def split_tensors(data: Dataset, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """The first ``limit`` items (all by default) of a split as ``(x, y)`` tensors.
+
+    The jobs and the analysis tools evaluate fixed subsets held in memory; the first items of a
+    seeded split are a fixed subset.
+    """
+    n = len(data) if limit is None else min(limit, len(data))
+    xs, ys = zip(*[data[i][:2] for i in range(n)], strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded train/validation split of ``range(n)``."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

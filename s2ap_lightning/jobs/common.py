@@ -1,4 +1,4 @@
-"""What the jobs share: a quiet deterministic Trainer per stage, and a split as tensors."""
+"""What the jobs share: a quiet deterministic Trainer per stage, and the figures of a record."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from s2ap_lightning.checkpoint import AtomicCheckpointIO
@@ -49,10 +48,3 @@ def record_figures(record: Any) -> dict[str, Any]:
         "check_failures": record.failures(),
         "autoattack": record.autoattack,
     }
-
-
-def split_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` items (all by default) of a split as ``(x, y)`` tensors."""
-    n = len(data) if limit is None else min(limit, len(data))
-    xs, ys = zip(*[data[i][:2] for i in range(n)], strict=True)
-    return torch.stack(xs), torch.as_tensor(ys)

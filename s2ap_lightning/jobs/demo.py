@@ -22,10 +22,10 @@ from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import atomic_torch_save, load_file
-from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.data import RobustDataModule, split_tensors
 from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy
 from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
-from s2ap_lightning.jobs.common import record_figures, split_tensors, stage_trainer
+from s2ap_lightning.jobs.common import record_figures, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 
 
@@ -48,6 +48,8 @@ class DemoConfig:
         pgd_steps: PGD steps of the test evaluation.
         aa_images: test images attacked by AutoAttack (class-stratified, seeded).
         progress: progress bars inside stages.
+        overwrite: write into an ``out`` that already holds files (a previous demo's checkpoints,
+            results.csv and report.md are replaced); by default such a folder is refused.
 
     """
 
@@ -65,11 +67,19 @@ class DemoConfig:
     pgd_steps: int = 20
     aa_images: int = 100
     progress: bool = True
+    overwrite: bool = False
 
 
 def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     """Run the pipeline and return one row per (method, sparsity)."""
     out = Path(cfg.out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not cfg.overwrite:
+        # The stages' checkpoint folders have fixed names: a second demo here would replace them.
+        raise FileExistsError(
+            f"out={str(out)!r} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; "
+            "choose another --out or pass --overwrite true to replace a previous demo's results"
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     common = dict(

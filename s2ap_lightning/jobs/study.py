@@ -37,11 +37,11 @@ from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import load_file, model_state_dict
-from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.data import RobustDataModule, split_tensors
 from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy, write_record
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model
-from s2ap_lightning.jobs.common import record_figures, split_tensors, stage_trainer
+from s2ap_lightning.jobs.common import record_figures, stage_trainer
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.base import ATTACK_PRECISIONS

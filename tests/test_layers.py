@@ -11,6 +11,7 @@ LAYERS = {
     "data": 0,
     "models": 0,
     "checkpoint": 0,
+    "checks": 0,
     "quiet": 0,
     "attacks": 1,
     "pruning": 1,

@@ -21,8 +21,9 @@ def fixed_adversarial(pruner: Any, x: Tensor, y: Tensor, seed: int) -> Tensor:
     """Adversarial examples of the search's own loss (its adversary) at the current scores, eval mode."""
     torch.manual_seed(seed)
     model = pruner.model
+    frozen = pruner.weights_for_eval()  # w * M(s), the network the pruner evaluates
     with eval_mode(model), torch.enable_grad():
-        frozen = pruner.scores.effective_weights(model, pruner.scores.masks(), differentiable=False)
+        # Eager and fp32 (not the pruner's training forward, which may be compiled or low precision).
         return pruner.robust_loss.adversarial(
             lambda inp: masked_forward(model, frozen, inp), x, y, pruner.train_attack, model
         )

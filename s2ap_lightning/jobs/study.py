@@ -363,7 +363,9 @@ def _search(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[st
     history = stability.history
     return {
         "checkpoint": str(ckpt),
-        "init_sha256": pretrain["weights_sha256"],
+        # Hashed from the file this search started from, not copied from the pretrain cell's record:
+        # a pretrain checkpoint replaced after its cell finished would show as a broken pairing.
+        "init_sha256": weights_hash(pretrained),
         "method": f"{cell.base_method}+s2ap" if cell.gamma else cell.base_method,
         "base_method": cell.base_method,
         "sparsity": cell.sparsity,

@@ -175,6 +175,12 @@ def write_study_report(spec: StudySpec) -> Path:
     ]
     for base in spec.base_methods:
         for sp in spec.sparsities:
+            # Evaluations of this row that failed a masking check (the same for every metric).
+            flagged = sum(
+                1
+                for r in finals
+                if r["base_method"] == base and r["sparsity"] == sp and not r.get("checks_passed")
+            )
             for metric in ("pgd_acc", "aa_acc", "clean_acc"):
                 pairs = paired(rows, base, sp, metric)
                 if not pairs:
@@ -184,11 +190,6 @@ def write_study_report(spec: StudySpec) -> Path:
                 wins = sum(d > 0 for d in diffs)
                 per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
                 reading = verdict(m, h)
-                flagged = sum(
-                    1
-                    for r in finals
-                    if r["base_method"] == base and r["sparsity"] == sp and not r.get("checks_passed")
-                )
                 if flagged:
                     reading += f" ! ({flagged} of these evaluations failed a masking check)"
                 lines.append(

@@ -7,7 +7,6 @@ as it stands (the mask search evaluates ``w * M(s)``).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, eval_mode, pgd_ce
 from s2ap_lightning.attacks.losses import ROBUST_LOSSES, LossOutput
 from s2ap_lightning.checkpoint import check_loadable, load_weights
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.data.subsets import dataset_labels
 from s2ap_lightning.evaluation import (
     EvalProtocol,
@@ -43,30 +43,6 @@ from s2ap_lightning.stages.callbacks import EpochSummary
 
 #: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
 ATTACK_PRECISIONS = ("fp32", "training")
-
-
-def check_range(
-    name: str,
-    value: float,
-    low: float | None,
-    high: float | None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming the option and its valid range when ``value`` is outside it."""
-    ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        left = "(" if low_open or low is None else "["
-        right = ")" if high_open or high is None else "]"
-        rng = f"{left}{lo}, {hi}{right}"
-        raise ValueError(f"{name}={value!r} is out of range: valid range is {rng}")
 
 
 class RobustTask(L.LightningModule):

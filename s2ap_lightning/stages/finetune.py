@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 
 from s2ap_lightning.checkpoint import stored_masks
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics
 from s2ap_lightning.pruning.fixed_masks import MaskSet
 from s2ap_lightning.pruning.perturbation import layerwise_perturbation
-from s2ap_lightning.stages.base import check_range
 from s2ap_lightning.stages.pretrain import RobustPretrainer
 
 

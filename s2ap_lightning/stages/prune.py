@@ -24,10 +24,11 @@ from torch import Tensor
 
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
-from s2ap_lightning.stages.base import RobustTask, check_range
+from s2ap_lightning.stages.base import RobustTask
 
 
 class ScoreSpaceSAMPruner(RobustTask):
@@ -95,8 +96,16 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     def method_options(self) -> dict[str, Any]:
         """The options the base method reads (it validates and documents them)."""
-        keys = ("sparsity", "scope", "min_layer_keep", "size_loss_weight", "rate_grad", "rate_bound")
-        return {k: self.hparams[k] for k in (*keys, "density_tolerance")}
+        keys = (
+            "sparsity",
+            "scope",
+            "min_layer_keep",
+            "size_loss_weight",
+            "rate_grad",
+            "rate_bound",
+            "density_tolerance",
+        )
+        return {k: self.hparams[k] for k in keys}
 
     def configure_models(self) -> None:
         super().configure_models()

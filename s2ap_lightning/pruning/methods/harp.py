@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.pruning.methods.base import BaseMethodHooks
 from s2ap_lightning.pruning.scores import RATE_GRADS, HarpScoreSet
-
-
-def _at_least(name: str, value: float, low: float, open_: bool = False) -> None:
-    ok = math.isfinite(value) and (value > low if open_ else value >= low)
-    if not ok:
-        rng = f"({low}, inf)" if open_ else f"[{low}, inf)"
-        raise ValueError(f"{name}={value!r} is out of range: valid range is {rng}")
 
 
 class Harp(HarpScoreSet, BaseMethodHooks):
@@ -60,13 +53,11 @@ class Harp(HarpScoreSet, BaseMethodHooks):
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> None:
-        _at_least("size_loss_weight", options.get("size_loss_weight", 1.0), 0.0)
+        check_range("size_loss_weight", options.get("size_loss_weight", 1.0), 0.0, None)
         bound = options.get("rate_bound", 6.0)
         if bound is not None:
-            _at_least("rate_bound", bound, 0.0, open_=True)
-        tol = options.get("density_tolerance", 0.005)
-        if not (math.isfinite(tol) and 0.0 <= tol <= 1.0):
-            raise ValueError(f"density_tolerance={tol!r} is out of range: valid range is [0.0, 1.0]")
+            check_range("rate_bound", bound, 0.0, None, low_open=True)
+        check_range("density_tolerance", options.get("density_tolerance", 0.005), 0.0, 1.0)
         if options.get("rate_grad", "logit") not in RATE_GRADS:
             raise ValueError(f"rate_grad={options['rate_grad']!r} is unknown; valid: {', '.join(RATE_GRADS)}")
 

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import StepTimer, device_name  # noqa: E402
+from _timing import StepTimer, bench_trainer, device_name  # noqa: E402
 
 from s2ap_lightning.data import RobustDataModule  # noqa: E402
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
@@ -61,18 +61,13 @@ def main() -> None:
 
     def run(name: str, module: L.LightningModule) -> Path:
         timer = StepTimer(skip=3)
-        trainer = L.Trainer(
-            max_epochs=1,
+        trainer = bench_trainer(
+            [timer],
             accelerator=args.accelerator,
-            devices=1,
             precision=args.precision,
-            logger=False,
-            callbacks=[timer],
-            enable_progress_bar=False,
-            enable_model_summary=False,
             limit_val_batches=2,
+            num_sanity_val_steps=2,
             default_root_dir=work,
-            enable_checkpointing=False,
         )
         trainer.fit(module, datamodule=dm)
         path = work / f"{name}.ckpt"

@@ -133,15 +133,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, str, str]]:
     big, *rest = sorted(args.batch_sizes, reverse=True)
     low = args.precision
     runs: list[tuple[str, str, int, str, str]] = []
-    # 1. Adversarial training at the largest batch: today's setting, low-precision attacks, compiled.
-    runs += [
-        ("stage", "pretrain", big, low, v) for v in ("eager", "eager+lowp_attack", "compiled+lowp_attack")
-    ]
-    # 2. The other stages likewise.
-    for stage in ("hydra", "s2ap", "finetune"):
-        runs += [
-            ("stage", stage, big, low, v) for v in ("eager", "eager+lowp_attack", "compiled+lowp_attack")
-        ]
+    # 1. Adversarial training at the largest batch (today's setting, low-precision attacks, compiled),
+    # 2. then the other stages likewise.
+    for stage in STAGES:
+        runs += [("stage", stage, big, low, v) for v in MAIN]
     # 2b. Channels-last memory format with the faster settings (adversarial training only).
     runs += [("stage", "pretrain", big, low, v + "+channels_last") for v in MAIN[1:]]
     # 3. The S2AP/HYDRA ratio, alternated: true fp32 at each batch size, then the fastest setting.
@@ -151,9 +146,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, str, str]]:
     # 4. The smaller batch sizes.
     for bs in rest:
         for stage in STAGES:
-            runs += [
-                ("stage", stage, bs, low, v) for v in ("eager", "eager+lowp_attack", "compiled+lowp_attack")
-            ]
+            runs += [("stage", stage, bs, low, v) for v in MAIN]
     # 5. Compile alone (fp32 attacks).
     for bs in sorted(args.batch_sizes, reverse=True):
         runs += [("stage", stage, bs, low, "compiled") for stage in STAGES]

@@ -14,14 +14,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import StepTimer, device_name, sync  # noqa: E402
+from _timing import StepTimer, bench_trainer, device_name, sync  # noqa: E402
 
 import s2ap_lightning.stages.prune as prune_mod  # noqa: E402
 from s2ap_lightning.stages import ScoreSpaceSAMPruner  # noqa: E402
@@ -72,18 +71,8 @@ def main() -> None:
     pruner.manual_backward = timed(store, "backward", pruner.manual_backward)
     pruner.scores.masks = timed(store, "mask (top-k)", pruner.scores.masks)
     prune_mod.score_perturbation = timed(store, "perturbation z", prune_mod.score_perturbation)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="auto",
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[step_timer := StepTimer(skip=2)],
-    )
+    step_timer = StepTimer(skip=2)
+    trainer = bench_trainer([step_timer], accelerator="auto", precision=args.precision)
     trainer.fit(pruner, train_dataloaders=loader)
     print(
         f"device: {device_name()} | {args.model} | batch {args.batch_size} | {args.precision} | "

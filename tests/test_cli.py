@@ -26,21 +26,16 @@ def cli(*args):
     return 0
 
 
+def fit_args(stage_cfg, dirpath, *extra, configs=()):
+    """``s2ap fit`` of a shipped stage config on the synthetic data (then ``configs``) into ``dirpath``."""
+    args = ["fit"]
+    for config in (CONFIGS / "stages" / stage_cfg, CONFIGS / "data" / "synthetic.yaml", *configs):
+        args += ["--config", str(config)]
+    return [*args, "--checkpoint.dirpath", str(dirpath), *extra]
+
+
 def stage(tmp, name, stage_cfg, epochs, *extra):
-    cli(
-        "fit",
-        "--config",
-        str(CONFIGS / "stages" / stage_cfg),
-        "--config",
-        str(CONFIGS / "data" / "synthetic.yaml"),
-        "--config",
-        str(FAST),
-        "--trainer.max_epochs",
-        str(epochs),
-        "--checkpoint.dirpath",
-        str(tmp / name),
-        *extra,
-    )
+    cli(*fit_args(stage_cfg, tmp / name, "--trainer.max_epochs", str(epochs), *extra, configs=[FAST]))
     assert (tmp / name / "best.ckpt").is_file() and (tmp / name / "last.ckpt").is_file()
     return tmp / name / "best.ckpt"
 
@@ -247,16 +242,7 @@ def test_fit_refuses_to_overwrite_a_finished_run(chained, tmp_path, capsys):
         stage(tmp, "pretrain", "pretrain.yaml", 1)
     assert (tmp / "pretrain" / "best.ckpt").read_bytes() == before, "the finished run was touched"
     # Through the command: one readable line, exit status 2, no traceback.
-    monkey_args = [
-        "fit",
-        "--config",
-        str(CONFIGS / "stages" / "pretrain.yaml"),
-        "--config",
-        str(CONFIGS / "data" / "synthetic.yaml"),
-        "--checkpoint.dirpath",
-        str(tmp / "pretrain"),
-    ]
-    assert main(monkey_args) == 2
+    assert main(fit_args("pretrain.yaml", tmp / "pretrain")) == 2
     err = capsys.readouterr().err
     assert "s2ap: error: checkpoint.dirpath=" in err and "Traceback" not in err
     # An explicit overwrite is honoured.
@@ -305,25 +291,10 @@ def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     old = os.umask(0o022)
     try:
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "stages" / "pretrain.yaml"),
-                "--config",
-                str(CONFIGS / "data" / "synthetic.yaml"),
-                "--config",
-                str(CONFIGS / "trainer" / "cpu.yaml"),
-                "--trainer.max_epochs",
-                "2",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--data.synthetic_samples",
-                "64",
-                "--checkpoint.dirpath",
-                "runs/mine",
-            ]
-        )
+        extra = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+        extra += ["--data.synthetic_samples", "64"]
+        args = fit_args("pretrain.yaml", "runs/mine", *extra, configs=[CONFIGS / "trainer" / "cpu.yaml"])
+        assert main(args) == 0
     finally:
         os.umask(old)
     run = tmp_path / "runs" / "mine"

@@ -315,5 +315,11 @@ def test_checkpoints_with_the_schedule_on_the_stage_still_load(fast_kwargs, tmp_
             path,
         )
         loaded = ScoreSpaceSAMPruner.load_from_checkpoint(path, weights_only=True)
+        # The scores themselves come through unchanged for both methods ...
+        for name, score in pruner.scores.items():
+            assert torch.equal(loaded.scores[name], score), name
+        # ... and HARP's schedule lands on the method (HYDRA has none to take).
         if method == "harp":
             assert float(loaded.scores.size_weight) == 2.5
+        else:
+            assert not any("size_weight" in k for k in loaded.state_dict())

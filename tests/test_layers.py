@@ -26,14 +26,31 @@ LAYERS = {
 }
 
 
-def imports_of(path: Path) -> list[str]:
+def imports_of(path: Path, package: str | None = None) -> list[str]:
+    """Every ``s2ap_lightning.*`` module ``path`` imports: absolute, ``from s2ap_lightning import x``
+    and relative, resolved against ``package`` (default: the package the file sits in)."""
+    if package is None:
+        package = ".".join(["s2ap_lightning", *path.relative_to(PACKAGE).parent.parts])
+    parts = package.split(".")
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("s2ap_lightning."):
-            found.append(node.module)
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from . import x, from ..stages import y
+                parent = parts[: len(parts) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if base == "s2ap_lightning":
+                found += [f"s2ap_lightning.{a.name}" for a in node.names]
+            elif base.startswith("s2ap_lightning."):
+                found.append(base)
         elif isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.startswith("s2ap_lightning.")]
     return found
+
+
+def upward_imports(path: Path, source: str, package: str | None = None) -> list[str]:
+    """Imports of ``path`` (a module of layer ``source``) from a layer above it."""
+    return [m for m in imports_of(path, package) if LAYERS[m.split(".")[1]] > LAYERS[source]]
 
 
 def test_every_module_has_a_layer():
@@ -47,14 +64,27 @@ def test_no_module_imports_from_a_layer_above_it():
         source = path.relative_to(PACKAGE).with_suffix("").parts[0]
         if source == "__init__":
             continue
-        for module in imports_of(path):
-            target = module.split(".")[1]
-            if LAYERS[target] > LAYERS[source]:
-                upward.append(f"{path.relative_to(PACKAGE)} imports {module}")
+        upward += [f"{path.relative_to(PACKAGE)} imports {m}" for m in upward_imports(path, source)]
     assert not upward, "\n".join(upward)
 
 
 def test_the_check_would_catch_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from s2ap_lightning.stages import RobustTask\n")
-    assert imports_of(bad) == ["s2ap_lightning.stages"]
+    bad.write_text(
+        "import s2ap_lightning.models\n"
+        "from s2ap_lightning import jobs\n"
+        "def f():\n    from s2ap_lightning.stages import RobustTask\n"
+    )
+    pkg = "s2ap_lightning.pruning"
+    assert imports_of(bad, pkg) == ["s2ap_lightning.models", "s2ap_lightning.jobs", "s2ap_lightning.stages"]
+    # As a pruning module (layer 1): stages and jobs are above it, models is below.
+    assert upward_imports(bad, "pruning", pkg) == ["s2ap_lightning.jobs", "s2ap_lightning.stages"]
+    assert upward_imports(bad, "cli", "s2ap_lightning") == []
+
+
+def test_relative_imports_are_resolved_against_the_package(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from . import scores\nfrom .masks import topk_mask\nfrom ..stages import RobustTask\n")
+    found = imports_of(bad, package="s2ap_lightning.pruning")
+    assert found == ["s2ap_lightning.pruning", "s2ap_lightning.pruning.masks", "s2ap_lightning.stages"]
+    assert upward_imports(bad, "pruning", "s2ap_lightning.pruning") == ["s2ap_lightning.stages"]

@@ -231,7 +231,7 @@ class ScoreSpaceSAMPruner(RobustTask):
             with self._rank_local():
                 first = self._loss(masks, x, x_adv, y)
                 self.manual_backward(first.loss)
-            grads = {n: s.grad.detach().clone() for n, s in scores.items()}
+            grads = {n: s.grad for n, s in scores.items()}  # read into z before zero_grad: no copy
             # 2. The per-layer ascent z_l = gamma * ||s_l|| * g_l / ||g_l||.
             z = score_perturbation(scores, grads, self.hparams.gamma)
             opt.zero_grad()

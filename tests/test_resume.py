@@ -36,7 +36,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_metho
     assert last["global_step"] == kill_at, "the last checkpoint is the step before the kill"
 
     loader_state = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert loader_state == [{"seed": 0, "epoch": 1}], loader_state
+    assert loader_state == [{"seed": 0, "epoch": 1, "num_replicas": 1}], loader_state
 
     resumed = run(tmp_path / "run", "resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -57,7 +57,7 @@ def test_resuming_under_another_seed_is_refused():
     from s2ap_lightning.data.samplers import ResumableLoader, ResumableSampler
 
     loader = ResumableLoader(list(range(10)), batch_size=2, sampler=ResumableSampler(10, seed=3))
-    assert loader.state_dict() == {"seed": 3, "epoch": 0}
+    assert loader.state_dict() == {"seed": 3, "epoch": 0, "num_replicas": 1}
     loader.load_state_dict({"seed": 3, "epoch": 2})
     assert loader.sampler.epoch == 2
     with pytest.raises(

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torch.distributed import ReduceOp
 from torchmetrics import Metric
 
 from s2ap_lightning.checkpoint import atomic_torch_save
@@ -84,13 +85,40 @@ class MaskStabilityCallback(L.Callback):
             return {n: m.detach().cpu() for n, m in pl_module.scores.masks().items()}
 
     def _save(self, trainer: L.Trainer, masks: dict[str, Tensor], tag: str) -> None:
-        if not self.save_masks or not trainer.is_global_zero:
+        if not self.save_masks:
             return
         if self.dirpath is None and trainer.logger is None:
             return  # no logger and no folder given: nowhere sensible to write
+        # `trainer.log_dir` is a collective under DDP (a broadcast from rank 0): every rank reads it,
+        # and only then does rank 0 alone write. Reading it on rank 0 only hangs a multi-process run.
         root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
+        if not trainer.is_global_zero:
+            return
         root.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"format": PACKED_FORMAT, "masks": pack_masks(masks)}, root / f"{tag}.pt")
+
+    @staticmethod
+    def _check_ranks_agree(trainer: L.Trainer, masks: dict[str, Tensor]) -> None:
+        """Under data parallelism every rank must hold the same mask; fail loudly if not.
+
+        Two all-reduces (max and min) of a per-rank fingerprint per epoch, on every rank. A divergence
+        would mean each rank trains and saves a different network while the run looks healthy.
+        """
+        if trainer.world_size < 2:
+            return
+        fingerprint = torch.zeros(2, dtype=torch.float64)
+        for i, name in enumerate(sorted(masks)):
+            kept = masks[name].flatten().to(torch.float64)
+            positions = torch.arange(1, kept.numel() + 1, dtype=torch.float64)
+            fingerprint += torch.stack([kept.sum(), (kept * positions).sum() * (i + 1)])
+        fingerprint = fingerprint.to(trainer.strategy.root_device)
+        highest = trainer.strategy.reduce(fingerprint.clone(), reduce_op=ReduceOp.MAX)
+        lowest = -trainer.strategy.reduce(-fingerprint, reduce_op=ReduceOp.MAX)
+        if not torch.equal(highest, lowest):
+            raise RuntimeError(
+                f"the masks differ between ranks at epoch {trainer.current_epoch} (mask fingerprints "
+                f"from {lowest.tolist()} to {highest.tolist()}): the ranks no longer train the same network"
+            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.previous = self._masks(pl_module)
@@ -99,10 +127,11 @@ class MaskStabilityCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         current = self._masks(pl_module)
+        self._check_ranks_agree(trainer, current)
         distance, per_layer = hamming(self.previous, current)
-        pl_module.log("mask/hamming", distance)
+        pl_module.log("mask/hamming", distance, sync_dist=True)
         for name, value in per_layer.items():
-            pl_module.log(f"mask/hamming/{name}", value)
+            pl_module.log(f"mask/hamming/{name}", value, sync_dist=True)
         self.history.append({"epoch": trainer.current_epoch, "hamming": distance, "per_layer": per_layer})
         self._save(trainer, current, f"epoch_{trainer.current_epoch:03d}")
         self.previous = current

@@ -169,7 +169,7 @@ class RobustDataModule(L.LightningDataModule):
             }
 
     def skip_train_batches(self, batches: int) -> None:
-        """Resume support: the next training epoch starts ``batches`` batches in."""
+        """Resume support: the next training epoch starts ``batches`` of this rank's batches in."""
         if self.train_sampler is not None:
             self.train_sampler.skip_next(batches * self.hparams.batch_size)
 
@@ -178,7 +178,12 @@ class RobustDataModule(L.LightningDataModule):
         sampler = None
         if shuffle:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = self.train_sampler = ResumableSampler(len(data), seed=seed)
+            # Under DDP each rank draws its own shard (Lightning leaves a DistributedSampler as it is).
+            trainer = self.trainer
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = self.train_sampler = ResumableSampler(
+                len(data), seed=seed, num_replicas=replicas, rank=rank
+            )
         return (ResumableLoader if shuffle else DataLoader)(
             data,
             batch_size=self.hparams.batch_size,

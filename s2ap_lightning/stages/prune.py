@@ -24,6 +24,7 @@ from torch import Tensor
 
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.checkpoint import init_from_summary
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
@@ -126,6 +127,13 @@ class ScoreSpaceSAMPruner(RobustTask):
             # Scaled score init from the loaded weights: the first mask is magnitude pruning.
             self.scores.reinitialise(self.model)
         self._eval_weights = None
+
+    def on_init_from(self, checkpoint: Any) -> None:
+        # The weights only, also from a reference's pruned checkpoint (its dense weights): the search
+        # starts as HYDRA's does from a pretrained model, from scores scaled from those weights
+        # (setup), rather than resuming another code's scores under this stage's own schedule.
+        note = "scores start from the loaded weights (scaled init)"
+        self.print(init_from_summary(self.hparams.init_from, checkpoint, self.model, note))
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         super().check_trainer(trainer)
@@ -271,9 +279,9 @@ class ScoreSpaceSAMPruner(RobustTask):
             self._eval_weights = self._frozen(masks)
         density = self.scores.density(masks)
 
-        self.log("prune/density", density)
+        self.log("prune/density", density, sync_dist=True)
         for name, value in self.scores.end_of_epoch(density, self.current_epoch).items():
-            self.log(name, value)
+            self.log(name, value, sync_dist=True)
         super().on_train_epoch_end()
 
     def on_train_end(self) -> None:

@@ -15,13 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from s2ap_lightning.checkpoint import load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
-from s2ap_lightning.stages.callbacks import BEST, LAST, BestCheckpoint
+from s2ap_lightning.stages.callbacks import (
+    BEST,
+    LAST,
+    BestCheckpoint,
+    StepCheckpoint,
+    next_hpc_checkpoint,
+    slurm_job_id,
+)
 
 
 class S2APCLI(LightningCLI):
@@ -38,6 +46,9 @@ class S2APCLI(LightningCLI):
         parser.set_defaults({f"checkpoint.{k}": v for k, v in BEST.items()})
         parser.set_defaults({f"last_checkpoint.{k}": v for k, v in LAST.items()})
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
+        # last.ckpt every N steps as well (--step_checkpoint.every_n_train_steps N; off by default).
+        parser.add_lightning_class_args(StepCheckpoint, "step_checkpoint")
+        parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
         parser.add_argument(
             "--overwrite",
             type=bool,
@@ -100,12 +111,34 @@ class S2APCLI(LightningCLI):
         if not dirpath or self.config.get(f"{sub}.ckpt_path") or self.config.get(f"{sub}.overwrite"):
             return
         existing = sorted(p.name for p in Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
-        if existing:
+        if existing and not self._requeued_run():
             raise FileExistsError(
                 f"checkpoint.dirpath={dirpath!r} already holds a run ({', '.join(existing)}). Resume it "
                 "with --ckpt_path last, write to a new --checkpoint.dirpath, or replace it with "
                 "--overwrite true."
             )
+
+    def _requeued_run(self) -> bool:
+        """Whether Lightning is about to resume this same SLURM job from its own hpc checkpoint.
+
+        A job requeued by :class:`~s2ap_lightning.stages.callbacks.SlurmRequeue` (or by Lightning's
+        own handler) restarts with the same command and no ``--ckpt_path``; Lightning then resumes
+        from the highest ``hpc_ckpt_<N>.ckpt`` in ``trainer.default_root_dir``. That is the same run,
+        not a second one: recognised by the job id the checkpoint records (checkpoints without one,
+        from Lightning's handler, count when SLURM says this job was restarted). Another job pointed
+        at the same folder is still refused.
+        """
+        if not SLURMEnvironment.detect():
+            return False
+        hpc = next_hpc_checkpoint(self.trainer.default_root_dir)
+        number = int(hpc.stem.rsplit("_", 1)[1]) - 1
+        if number < 1:
+            return False
+        saved = load_file(hpc.with_name(f"hpc_ckpt_{number}.ckpt"))
+        recorded = saved.get("slurm_job_id") if isinstance(saved, dict) else None
+        if recorded is not None:
+            return recorded == slurm_job_id()
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
     before_fit = before_validate = before_test = _preflight
 

@@ -29,6 +29,11 @@ NOISE = (
         "the CSV logger it falls back to is the logger this project uses",
     ),
     (r".*LeafSpec.*", "a deprecation inside Lightning's own code"),
+    (
+        r".*manual optimization and every_n_train_steps.*",
+        "the stages step once per batch, and a step checkpoint counts that batch as processed: the "
+        "state after the step is the one an exact resume needs",
+    ),
     (r".*does not have many workers.*", "in-memory datasets need no workers; set data.num_workers for files"),
 )
 

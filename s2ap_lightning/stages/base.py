@@ -39,7 +39,7 @@ from s2ap_lightning.evaluation.record import git_commit, plain
 from s2ap_lightning.models import MODELS, build_model
 from s2ap_lightning.models.compiled import ModelForward
 from s2ap_lightning.pruning.scores import masked_forward, prunable_weight_names
-from s2ap_lightning.stages.callbacks import EpochSummary
+from s2ap_lightning.stages.callbacks import EpochSummary, SlurmRequeue
 
 #: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
 ATTACK_PRECISIONS = ("fp32", "training")
@@ -230,9 +230,9 @@ class RobustTask(L.LightningModule):
         return batch
 
     def configure_callbacks(self) -> list[L.Callback]:
-        if any(isinstance(c, EpochSummary) for c in self.trainer.callbacks):
-            return []
-        return [EpochSummary()]
+        # The epoch summary for batch logs, and SLURM requeue at a batch boundary (idle outside SLURM).
+        wanted = (EpochSummary, SlurmRequeue)
+        return [kind() for kind in wanted if not any(isinstance(c, kind) for c in self.trainer.callbacks)]
 
     def on_init_from(self, checkpoint: Any) -> None:
         """Hook for stages that take more than the weights from the previous stage."""
@@ -318,7 +318,11 @@ class RobustTask(L.LightningModule):
         self.log_layer_sparsity()
 
     def log_layer_sparsity(self) -> None:
-        """Per-layer and global sparsity (exact zeros) of the network this stage evaluates."""
+        """Per-layer and global sparsity (exact zeros) of the network this stage evaluates.
+
+        The same on every rank; ``sync_dist`` (one small all-reduce per value, on every rank at the
+        epoch's end) keeps Lightning from warning that epoch-level values are not reduced.
+        """
         with torch.no_grad():
             substituted = self.weights_for_eval()
             params = dict(self.model.named_parameters())
@@ -327,8 +331,8 @@ class RobustTask(L.LightningModule):
                 w = substituted.get(name, params[name])
                 z = int((w == 0).sum())
                 zeros, total = zeros + z, total + w.numel()
-                self.log(f"sparsity/{name}", z / w.numel())
-            self.log("sparsity/global", zeros / max(total, 1))
+                self.log(f"sparsity/{name}", z / w.numel(), sync_dist=True)
+            self.log("sparsity/global", zeros / max(total, 1), sync_dist=True)
 
     # ----------------------------------------------------------------- evaluation
 

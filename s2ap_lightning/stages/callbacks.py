@@ -7,8 +7,20 @@ would resume from a stale "last" checkpoint.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 BEST = dict(
     filename="best",
@@ -43,13 +55,34 @@ class BestCheckpoint(ModelCheckpoint):
             super().on_validation_end(trainer, pl_module)
 
 
-def checkpoint_callbacks(
-    dirpath: str | None = None, every_n_train_steps: int | None = None
-) -> list[ModelCheckpoint]:
-    """``best.ckpt`` (validation robust accuracy, never test) and ``last.ckpt`` (for resume)."""
+class StepCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` optimiser steps too (0, the default: off).
+
+    Lightning's ``ModelCheckpoint`` takes either a step or an epoch interval, not both, so the
+    per-epoch ``last.ckpt`` and the step one are two callbacks writing the same file; a long epoch
+    killed without a signal then loses at most N steps, and the end of every epoch is still saved.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 0) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps} must be >= 0 (0: off)")
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=0,
+            **LAST,
+        )
+
+
+def checkpoint_callbacks(dirpath: str | None = None, every_n_train_steps: int = 0) -> list[ModelCheckpoint]:
+    """``best.ckpt`` (validation robust accuracy, never test) and ``last.ckpt`` (for resume).
+
+    ``last.ckpt`` is written at every epoch's end and, with ``every_n_train_steps``, every N steps.
+    """
     return [
         BestCheckpoint(dirpath=dirpath, **BEST),
-        ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every_n_train_steps, **LAST),
+        ModelCheckpoint(dirpath=dirpath, **LAST),
+        StepCheckpoint(dirpath=dirpath, every_n_train_steps=every_n_train_steps),
     ]
 
 
@@ -68,3 +101,110 @@ class EpochSummary(L.Callback):
         shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in self.KEYS if k in metrics)
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         print(f"{type(pl_module).__name__} epoch {trainer.current_epoch + 1}/{total}  {shown}", flush=True)
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job's id as ``scontrol`` names it (``ARRAY_TASK`` for array jobs), or None."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array is not None:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def next_hpc_checkpoint(folder: str | Path) -> Path:
+    """``hpc_ckpt_<N+1>.ckpt``: the name Lightning's SLURM resume looks for (the highest N wins)."""
+    names = (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name) for p in Path(folder).glob("hpc_ckpt_*.ckpt"))
+    numbers = [int(m.group(1)) for m in names if m]
+    return Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+class SlurmRequeue(L.Callback):
+    """SLURM auto-requeue that saves at a batch boundary, on every rank together.
+
+    Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves the hpc checkpoint inside
+    the signal handler, wherever the signal lands: in the middle of a training step (the checkpoint
+    then holds a random-number state half-way through the step's attacks, or weights already stepped
+    for a batch it does not count as processed, so the resumed run differs from an uninterrupted one)
+    or, under DDP, while another rank waits in a collective (a hang). Here the signal only sets a flag;
+    at the end of each training batch all ranks agree on it (one small all-reduce, only in a SLURM job
+    with auto-requeue) and then save ``hpc_ckpt_<N>.ckpt`` into ``trainer.default_root_dir`` together,
+    which Lightning resumes from when the requeued job restarts. Rank 0 requeues the job with
+    ``scontrol requeue``; the ranks then wait for SLURM to stop them instead of training on past the
+    checkpoint. The checkpoint records the job id, so that the restarted job is recognised as the same
+    run (and a different job into the same folder is not).
+
+    Active when the Trainer's cluster environment is a ``SLURMEnvironment`` with ``auto_requeue``
+    (Lightning's default inside a batch job); it replaces Lightning's handler of the requeue signal
+    for the duration of ``fit``. Every stage adds it.
+
+    Args:
+        wait_s: how long to wait for SLURM to stop the job after the requeue before failing.
+
+    """
+
+    def __init__(self, wait_s: float = 600.0) -> None:
+        self.wait_s = wait_s
+        self._signalled = False
+        self._active = False
+        self._signum: int | None = None
+        self._previous: Any = None
+
+    def _environment(self, trainer: L.Trainer) -> SLURMEnvironment | None:
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        return env if isinstance(env, SLURMEnvironment) and env.auto_requeue else None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        env = self._environment(trainer)
+        self._active = env is not None  # the same on every rank: all of them join the vote below
+        if env is None or threading.current_thread() is not threading.main_thread():
+            return
+        self._signum = int(env.requeue_signal or signal.SIGUSR1)
+        self._previous = signal.signal(self._signum, self._handler)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, err: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._signum is not None:
+            signal.signal(self._signum, self._previous)
+            self._signum = None
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        job = slurm_job_id()
+        if job is not None:
+            checkpoint["slurm_job_id"] = job
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._active:
+            return
+        # Every rank takes part, whether or not its own process has seen the signal yet.
+        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+            return
+        self._signalled = False
+        path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)), src=0)
+        trainer.save_checkpoint(path, weights_only=False)
+        status = 0
+        if trainer.is_global_zero:
+            job = slurm_job_id()
+            done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+            status = done.returncode
+            if status:
+                rank_zero_warn(f"`scontrol requeue {job}` failed ({done.stderr.strip()}); training goes on")
+            else:
+                print(f"saved {path} and requeued SLURM job {job}; waiting to be stopped", flush=True)
+        if trainer.strategy.broadcast(status, src=0):
+            return
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            if trainer.received_sigterm:
+                raise SIGTERMException()
+            time.sleep(0.2)
+        raise RuntimeError(f"job {slurm_job_id()} was requeued but not stopped within {self.wait_s:g} s")

@@ -1,7 +1,20 @@
-"""Export a pruned model as a plain state dict with exact zeros."""
+"""Export a pruned model as a plain state dict with exact zeros, for us or for a reference's class.
+
+The paper's reference codes (HYDRA, HARP, the adversarial pruning benchmark) build the same
+``resnet18``, ``vgg16_bn``, ``wrn28_4`` and ``resnet50`` as :mod:`s2ap_lightning.models` and read a
+checkpoint as ``torch.load(f)["state_dict"]``. ``reference=`` writes that layout (plus HYDRA's unused
+``sub_block1`` for the WRN), so the file loads with ``strict=True`` into their classes.
+
+Input normalisation is the one thing a state dict cannot carry: our models normalise inside
+(non-persistent buffers), the reference classes take inputs as their data pipeline gives them (the
+benchmark: raw [0, 1]). Folding the statistics into the first convolution is not exact (it zero-pads
+the *normalised* image, so border pixels would change), so an export of a normalising model is
+refused unless ``normalized_inputs=True`` says the weights go to a loader that normalises itself.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -86,9 +99,85 @@ def format_sparsity(rows: list[tuple[str, int, int, float]], global_sparsity: fl
     return "\n".join(lines)
 
 
-def export(checkpoint_path: str | Path, out_path: str | Path) -> str:
-    """Write the pruned plain state dict; return the sparsity report."""
+#: The reference codes whose classes an export can target, and the architectures each has.
+REFERENCE_MODELS = {
+    "hydra": ("resnet18", "vgg16_bn", "wrn28_4", "resnet50"),
+    "harp": ("resnet18", "vgg16_bn", "wrn28_4", "resnet50"),
+    "benchmark": ("resnet18", "vgg16_bn"),
+}
+
+
+def reference_state_dict(state: Mapping[str, Tensor], model_name: str, reference: str) -> dict[str, Tensor]:
+    """Our plain state dict in the key layout of ``reference``'s class of the same architecture.
+
+    The keys are the same for every pair but one: HYDRA's WRN also holds ``sub_block1``, a block its
+    forward never calls. It is filled with a copy of ``block1`` (same shapes): the logits do not
+    depend on it, and a sparsity counted over the whole file stays that of the network.
+    """
+    if reference not in REFERENCE_MODELS:
+        raise ValueError(f"reference={reference!r} is unknown; valid: {', '.join(REFERENCE_MODELS)}")
+    if model_name not in REFERENCE_MODELS[reference]:
+        raise ValueError(
+            f"{reference} has no class for model {model_name!r} "
+            f"(it has {', '.join(REFERENCE_MODELS[reference])})"
+        )
+    out = dict(state)
+    if reference == "hydra" and model_name == "wrn28_4":
+        out.update({"sub_block1." + k[7:]: v.clone() for k, v in state.items() if k.startswith("block1.")})
+    return out
+
+
+def check_normalization(model: nn.Module, name: str, normalized_inputs: bool) -> str | None:
+    """Refuse (or, when told the loader normalises, warn about) a model that normalises inside.
+
+    Returns the warning given, if any, so that the export report repeats it.
+    """
+    norm = getattr(model, "normalize", None)
+    if norm is None or not getattr(norm, "enabled", False):
+        return None
+    mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    stats = f"mean={[round(v, 6) for v in mean]}, std={[round(v, 6) for v in std]}"
+    text = (
+        f"model {name!r} normalises its inputs inside ({stats}); the state dict cannot hold "
+        "this, and the reference classes (HYDRA, HARP without --normalize, the adversarial pruning "
+        "benchmark) apply the weights to their inputs as given (the benchmark: raw [0, 1] images). "
+        "No exact fold into the weights exists (the first convolution zero-pads the normalised image)"
+    )
+    if not normalized_inputs:
+        raise CheckpointError(
+            f"{text}. Pass normalized_inputs=True (s2ap export --normalized_inputs true) to write the "
+            "weights for a loader that normalises with these values itself (HARP's normalize=True, "
+            "HYDRA's ImageNet data pipeline), or train without mean/std"
+        )
+    message = f"{text}: the exported weights give the trained logits only on inputs normalised with {stats}"
+    warnings.warn(message, stacklevel=2)
+    return message
+
+
+def export(
+    checkpoint_path: str | Path,
+    out_path: str | Path,
+    reference: str | None = None,
+    normalized_inputs: bool = False,
+) -> str:
+    """Write the pruned plain state dict (or ``{"state_dict": ...}`` for a reference); return a report.
+
+    Args:
+        checkpoint_path: mask-search or finetuning checkpoint.
+        out_path: file to write.
+        reference: ``hydra``, ``harp`` or ``benchmark``: write the layout that reference's loader
+            reads (its class loads it with ``strict=True``); None writes our plain state dict.
+        normalized_inputs: write a model that normalises its inputs inside anyway (a warning says
+            with which statistics the loader must normalise); refused otherwise.
+
+    """
     checkpoint = load_file(checkpoint_path)
+    name = str((checkpoint.get("hyper_parameters") or {}).get("model"))
     model, state = pruned_state_dict(checkpoint)
-    atomic_torch_save(state, out_path)
-    return format_sparsity(*sparsity_table(model))
+    warned = check_normalization(model, name, normalized_inputs)
+    if reference is not None:
+        atomic_torch_save({"state_dict": reference_state_dict(state, name, reference)}, out_path)
+    else:
+        atomic_torch_save(state, out_path)
+    report = format_sparsity(*sparsity_table(model))
+    return report if warned is None else f"{report}\nWARNING: {warned}"

@@ -78,21 +78,32 @@ def _pruner(path: str) -> tuple[Any, dict]:
     return module.eval(), checkpoint
 
 
-def export(checkpoint: str, out: str | None = None, overwrite: bool = False) -> int:
+def export(
+    checkpoint: str,
+    out: str | None = None,
+    overwrite: bool = False,
+    reference: Literal["hydra", "harp", "benchmark"] | None = None,
+    normalized_inputs: bool = False,
+) -> int:
     """Write a mask-search or finetuning checkpoint as a plain state dict, pruned weights exactly zero.
 
-    The file loads with ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``.
+    The file loads with ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``, into
+    our model or (with ``--reference``) into the reference code's own class.
 
     Args:
         checkpoint: checkpoint of the prune or finetune stage.
         out: output ``.pt`` file.
         overwrite: replace an existing ``out``.
+        reference: ``hydra``, ``harp`` or ``benchmark``: write ``{"state_dict": ...}`` as their loaders
+            read it, in the key layout of their class (HYDRA's WRN gets its unused ``sub_block1``).
+        normalized_inputs: export a model trained with ``mean``/``std`` anyway, for a loader that
+            normalises its inputs itself (refused otherwise: the reference classes take raw inputs).
 
     """
     if not out:
         raise ValueError("export needs --out FILE (the plain state dict to write)")
     refuse_existing(out, overwrite)
-    print(export_file(checkpoint, out))
+    print(export_file(checkpoint, out, reference=reference, normalized_inputs=normalized_inputs))
     print(f"wrote {out}")
     return 0
 

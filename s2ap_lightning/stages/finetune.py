@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
-from s2ap_lightning.checkpoint import stored_masks
+from s2ap_lightning.checkpoint import (
+    load_file,
+    read_init_source,
+    reference_masks,
+    report_init_from,
+    stored_masks,
+)
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics
 from s2ap_lightning.pruning.fixed_masks import MaskSet
@@ -18,8 +25,11 @@ from s2ap_lightning.stages.pretrain import RobustPretrainer
 class MaskedFinetuner(RobustPretrainer):
     """Finetunes ``w * M`` with ``M`` taken from ``init_from``.
 
-    ``init_from`` is a mask-search checkpoint (its stored masks are used) or a pruned plain state dict
-    (the mask is where the weights are non-zero). Pruned weights are exactly zero after every
+    ``init_from`` is a mask-search checkpoint (its stored masks are used), a pruned plain state dict
+    (the mask is where the weights are non-zero; also HYDRA's and HARP's ``*_dense.pth.tar``), or a
+    HYDRA or HARP pruned checkpoint, whose weights are dense and whose mask is computed from its
+    ``popup_scores`` (and HARP's ``k_score``) as those codes do, with the run's ``--k`` given as
+    ``reference_k`` (the file does not hold it). Pruned weights are exactly zero after every
     optimiser step: their gradients are masked before the step (so momentum and weight decay never
     move them) and the mask is re-applied after it.
 
@@ -33,12 +43,22 @@ class MaskedFinetuner(RobustPretrainer):
         lr: finetuning learning rate (paper: 0.01).
         awp_gamma: relative AWP radius; 0 disables AWP (paper: 0.01 with PGD-AT, 0.005 with TRADES).
         awp_warmup_epochs: epochs of plain adversarial finetuning before AWP starts.
+        reference_k: for a HYDRA or HARP pruned ``init_from``: that run's ``--k`` (the fraction of
+            weights kept, 1 - sparsity), which its mask depends on.
+        reference_alpha: for a HARP pruned ``init_from``: that run's ``--alpha`` (HARP's default 0.1),
+            the lower bound of its per-layer keep rates as a fraction of ``k``.
         **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
 
     """
 
     def __init__(
-        self, lr: float = 0.01, awp_gamma: float = 0.0, awp_warmup_epochs: int = 0, **kwargs: Any
+        self,
+        lr: float = 0.01,
+        awp_gamma: float = 0.0,
+        awp_warmup_epochs: int = 0,
+        reference_k: float | None = None,
+        reference_alpha: float = 0.1,
+        **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, **kwargs)
         self._awp_offsets: dict[str, Tensor] | None = None
@@ -47,6 +67,9 @@ class MaskedFinetuner(RobustPretrainer):
         super().validate_hparams()
         check_range("awp_gamma", self.hparams.awp_gamma, 0.0, None)
         check_range("awp_warmup_epochs", self.hparams.awp_warmup_epochs, 0, None)
+        if self.hparams.reference_k is not None:
+            check_range("reference_k", self.hparams.reference_k, 0.0, 1.0, low_open=True)
+        check_range("reference_alpha", self.hparams.reference_alpha, 0.0, 1.0)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
@@ -77,8 +100,33 @@ class MaskedFinetuner(RobustPretrainer):
         super().configure_models()
         self.masks = MaskSet(self.model)
 
-    def on_init_from(self, checkpoint: Any) -> None:
+    def preflight(self, trainer: L.Trainer, stage: str) -> None:
+        super().preflight(trainer, stage)
+        if self.hparams.init_from and not self._restored:
+            # A reference's pruned checkpoint without `reference_k` fails here, before any write.
+            self.init_masks(load_file(self.hparams.init_from))
+
+    def init_masks(self, checkpoint: Any) -> tuple[dict[str, Tensor] | None, str]:
+        """The masks ``init_from`` defines (None: its non-zero weights) and how they were found."""
         masks = stored_masks(checkpoint)
+        if masks is not None:
+            return masks, "mask: the stored masks"
+        source = read_init_source(checkpoint, self.model)
+        if not source.scores:
+            return None, "mask: the non-zero weights"
+        k, alpha = self.hparams.reference_k, self.hparams.reference_alpha
+        if k is None:
+            raise ValueError(
+                f"init_from={self.hparams.init_from!r} is a HYDRA/HARP pruned checkpoint: dense weights "
+                "and popup_scores, whose mask depends on the run's --k, which the file does not hold. "
+                "Pass --model.reference_k K (HYDRA's/HARP's --k: the fraction kept, e.g. 0.01 at "
+                "sparsity 0.99) or a file with the pruned weights zeroed (their *_dense.pth.tar)"
+            )
+        rule = f"HARP's k_score rates, k={k:g}, alpha={alpha:g}" if source.rates else f"k={k:g}"
+        return reference_masks(source, k, alpha), f"mask: top |popup_scores| per layer ({rule})"
+
+    def on_init_from(self, checkpoint: Any) -> None:
+        masks, note = self.init_masks(checkpoint)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, buf in self.masks.items():
@@ -87,6 +135,7 @@ class MaskedFinetuner(RobustPretrainer):
                 else:
                     buf.copy_((params[name] != 0).to(buf.dtype))
         self.apply_masks()
+        report_init_from(self.hparams.init_from, checkpoint, self.model, note)
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.losses import LossOutput
-from s2ap_lightning.checkpoint import init_from_summary
+from s2ap_lightning.checkpoint import report_init_from
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
@@ -133,7 +133,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         # starts as HYDRA's does from a pretrained model, from scores scaled from those weights
         # (setup), rather than resuming another code's scores under this stage's own schedule.
         note = "scores start from the loaded weights (scaled init)"
-        self.print(init_from_summary(self.hparams.init_from, checkpoint, self.model, note))
+        report_init_from(self.hparams.init_from, checkpoint, self.model, note)
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         super().check_trainer(trainer)

@@ -56,3 +56,42 @@ def test_large_batch_preset_composes_with_stage_and_data_in_either_order(preset_
     assert "class_path: s2ap_lightning.stages.ScoreSpaceSAMPruner" in out
     assert "eps: 0.1" in out and "step_size: 0.025" in out
     assert "precision: bf16-mixed" in out
+
+
+@pytest.mark.parametrize("stage", ["finetune", "s2ap"])
+def test_ap_benchmark_preset_sets_the_benchmarks_protocol(stage, capsys):
+    args = ["test"]
+    for c in (
+        CONFIGS / "stages" / f"{stage}.yaml",
+        CONFIGS / "data" / "cifar10.yaml",
+        CONFIGS / "eval" / "ap_benchmark.yaml",
+    ):
+        args += ["--config", str(c)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    # AutoAttack standard at eps 0.031 (the benchmark's, not 8/255) on the whole CIFAR-10 test split.
+    for line in ("eps: 0.031\n", "aa_version: standard", "aa_images: 10000", "test_subset: 0", "norm: linf"):
+        assert line in out, line
+    assert "dataset: cifar10" in out and "class_path: s2ap_lightning.stages." in out
+
+
+def test_records_name_the_benchmark_protocol_only_when_it_ran():
+    import torch
+
+    from s2ap_lightning.evaluation import EvalProtocol, autoattack_plan, summarise
+    from s2ap_lightning.evaluation.protocol import AP_BENCHMARK
+
+    def record(n, eps=0.031, aa_images=10_000, version="standard"):
+        protocol = EvalProtocol(eps=eps, step_size=2 / 255, aa_images=aa_images, aa_version=version)
+        flags = {k: torch.ones(n, dtype=torch.bool) for k in ("clean", "pgd", "pgd_fewer", "eps0", "aa")}
+        flags["in_aa"] = torch.arange(n) < aa_images
+        return summarise(flags, torch.arange(n) % 10, protocol, autoattack_plan(10, version))
+
+    assert record(10_000).protocol_name == AP_BENCHMARK
+    assert record(10_000).as_dict()["protocol_name"].startswith("ap_benchmark:")
+    assert record(10_000, eps=8 / 255).protocol_name is None  # our CIFAR eps, not the benchmark's
+    assert record(10_000, aa_images=1000).protocol_name is None  # AutoAttack on a sample only
+    assert record(2_000, aa_images=2_000).protocol_name is None  # a test subset
+    assert record(10_000, version="plus").protocol_name is None

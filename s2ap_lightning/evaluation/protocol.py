@@ -27,6 +27,15 @@ from s2ap_lightning.pruning.scores import masked_forward
 
 FLAGS = ("clean", "pgd", "pgd_fewer", "eps0", "aa", "in_aa")
 
+#: The adversarial pruning benchmark's evaluation (pralab/AdversarialPruningBenchmark,
+#: ``utils/test.py:test_model_aa``): AutoAttack standard, L-inf, eps 0.031 (not 8/255), the first
+#: 10,000 test images (all of CIFAR-10's), inputs in [0, 1]. ``configs/eval/ap_benchmark.yaml`` sets it.
+AP_BENCHMARK = (
+    "ap_benchmark: the adversarial pruning benchmark's protocol (AutoAttack standard, L-inf eps 0.031, "
+    "on each of 10,000 test images)"
+)
+AP_BENCHMARK_EPS, AP_BENCHMARK_IMAGES = 0.031, 10_000
+
 
 class MaskedModel(nn.Module):
     """A plain model evaluated with some weights substituted (e.g. ``w_pretrained * M(s*)``)."""
@@ -208,6 +217,7 @@ class EvalRecord:
     autoattack_skipped: dict[str, str]
     autoattack_warnings: list[str]
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    protocol_name: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -218,6 +228,26 @@ class EvalRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "all_checks_passed": self.passed}
+
+
+def protocol_name(
+    protocol: EvalProtocol, n_images: int, n_aa_images: int, plan: AutoAttackPlan | None
+) -> str | None:
+    """:data:`AP_BENCHMARK` when this evaluation ran the benchmark's protocol, else None.
+
+    Decided from what ran, not from a label in a config: a record says it is the benchmark's only
+    when every AutoAttack attack ran at eps 0.031 on 10,000 images and no other images were evaluated.
+    """
+    if (
+        plan is not None
+        and not plan.skipped
+        and plan.version == "standard"
+        and protocol.norm == "linf"
+        and abs(protocol.eps - AP_BENCHMARK_EPS) < 1e-12
+        and n_images == n_aa_images == AP_BENCHMARK_IMAGES
+    ):
+        return AP_BENCHMARK
+    return None
 
 
 def summarise(
@@ -259,6 +289,7 @@ def summarise(
         autoattack_skipped=dict(plan.skipped) if (plan is not None and n_aa) else {},
         autoattack_warnings=warnings,
         checks=checks,
+        protocol_name=protocol_name(protocol, n, n_aa, plan if n_aa else None),
     )
 
 

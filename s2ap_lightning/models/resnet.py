@@ -1,7 +1,9 @@
-"""ResNet-18, the CIFAR variant used across the adversarial pruning literature.
+"""ResNet-18, the CIFAR variant of the paper's reference codes.
 
-3x3 stem without max-pool, ``shortcut`` blocks and a ``linear`` head: the key names match the common
-CIFAR ResNet-18 so that exported state dicts load into other projects' loaders strictly.
+HYDRA's ``models/resnet_cifar.py:resnet18``, HARP's copy and the adversarial pruning benchmark's
+``models/base_resnet18.py`` are one network (kuangliu's CIFAR ResNet): 3x3 stem without max-pool,
+``shortcut`` blocks and a ``linear`` head, no convolution bias. Same layers and key names here, so
+their checkpoints load strictly and ours load into their classes (``tests/test_reference_models.py``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 A subclass rather than a wrapper: the state dict keys are exactly torchvision's (``conv1``,
 ``layer1.0.downsample.0``, ``fc``), so torchvision checkpoints load strictly and exported pruned
-models load into ``torchvision.models.resnet50()``.
+models load into ``torchvision.models.resnet50()``. HYDRA's and HARP's ``models/resnet.py:ResNet50``
+(the paper's ImageNet model) is the same network with the same keys (stride in the 3x3 convolution);
+they normalise before the model (HYDRA's data pipeline, HARP's ``--normalize``) with the same
+ImageNet statistics this class applies inside (``tests/test_reference_models.py``).
 """
 
 from __future__ import annotations

@@ -150,13 +150,14 @@ def read_init_source(obj: Any, model: nn.Module) -> InitSource:
     kind = f"reference checkpoint ({wrapper!r} entry)" if wrapper else "plain state dict"
     source = InitSource(kind, {})
     unused = 0
+    has_block = any(k.startswith(UNUSED_BLOCK) for k in own)
     for key, value in state.items():
-        if key.endswith(SCORE_SUFFIX):
+        if key.startswith(UNUSED_BLOCK) and not has_block:
+            unused += 1  # its scores too: they score no weight of the network
+        elif key.endswith(SCORE_SUFFIX):
             source.scores[key.removesuffix(SCORE_SUFFIX) + ".weight"] = value
         elif key.endswith(RATE_SUFFIX):
             source.rates[key.removesuffix(RATE_SUFFIX) + ".weight"] = value
-        elif key.startswith(UNUSED_BLOCK) and key not in own:
-            unused += 1
         else:
             source.weights[key] = value
     if unused:

@@ -175,16 +175,23 @@ def test_dense_reference_checkpoint_loads_into_every_stage(tmp_path, capsys, wra
         assert float(module.masks["features.0.weight"][:, :, 0].sum()) == 0.0
 
 
-def test_hydra_wrn_checkpoint_drops_its_unused_block(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_hydra_wrn_checkpoint_drops_its_unused_block(tmp_path, capsys, name):
     ckpt = reference_checkpoint("hydra/wrn28_4", pruned=True)
     path = tmp_path / "wrn.pth.tar"
     torch.save(ckpt, path)
-    module = stage(RobustPretrainer, path, arch="wrn28_4")
+    cls, kwargs = STAGES[name]
+    module = stage(cls, path, arch="wrn28_4", **kwargs)
     module.setup("fit")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "loaded 155 model entries" in line
-    assert "49 sub_block1.* entries (HYDRA's WRN block its forward never calls)" in line
-    assert "popup_scores of 38 layers" in line  # 29 of the network, 9 of sub_block1
+    # Its 40 entries and the scores of its 9 convolutions: nothing of the network.
+    assert "58 sub_block1.* entries (HYDRA's WRN block its forward never calls)" in line
+    if name == "finetune":
+        assert "mask: top |popup_scores| per layer (k=0.1)" in line
+        assert int(module.masks["fc.weight"].sum()) == 2560 - int(0.9 * 2560)
+    else:
+        assert "popup_scores of 29 layers" in line
 
 
 def test_finetune_refuses_scores_without_their_k(tmp_path):

@@ -188,6 +188,10 @@ class RobustDataModule(L.LightningDataModule):
             data,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
+            # Each iterator draws its workers' base seed from this generator, not from torch's global
+            # one: the training stream of random numbers (attack starts) then does not depend on
+            # when loaders are iterated, which differs between a resumed and an uninterrupted run.
+            generator=torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0))),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -41,6 +41,9 @@ from s2ap_lightning.models.compiled import ModelForward
 from s2ap_lightning.pruning.scores import masked_forward, prunable_weight_names
 from s2ap_lightning.stages.callbacks import EpochSummary, SlurmRequeue
 
+#: Seed of the validation attack's random starts (plus the batch index); see ``validation_step``.
+VALIDATION_SEED = 0
+
 #: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
 ATTACK_PRECISIONS = ("fp32", "training")
 
@@ -266,6 +269,10 @@ class RobustTask(L.LightningModule):
             data.skip_train_batches(done)
 
     # ----------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.world_size > 1:
+            broadcast_buffers(self.model)
+
     def net(self, weights: Mapping[str, Tensor] | None = None) -> Callable[[Tensor], Tensor]:
         """The model as training attacks and losses call it, ``weights`` substituted (compiled or not)."""
         return self.forward_fn.bind(weights)
@@ -344,8 +351,17 @@ class RobustTask(L.LightningModule):
         return masked_forward(self.model, self.weights_for_eval(), x)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Clean and PGD accuracy (the training attack) of the evaluated network: model selection."""
-        with attack_context(self.model):
+        """Clean and PGD accuracy (the training attack) of the evaluated network: model selection.
+
+        The attack's random starts come from a generator of their own, seeded by the batch index: the
+        training stream of random numbers never depends on whether (or how often) validation ran, so
+        a run resumed from a checkpoint written before an epoch's validation (which Lightning then
+        does not repeat) draws the same attack starts as the uninterrupted run; and every epoch's
+        validation uses the same starts, so epochs are compared on the same attack.
+        """
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), attack_context(self.model):
+            torch.manual_seed(VALIDATION_SEED + batch_idx)
             # Clones: tensors made under inference mode cannot enter an autograd graph.
             x, y = batch[0].clone(), batch[1].clone()
             weights = self.weights_for_eval()
@@ -459,6 +475,27 @@ class RobustTask(L.LightningModule):
             "git_commit": git_commit(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, one broadcast per dtype.
+
+    DDP's own ``broadcast_buffers`` only acts when the wrapped module's forward runs, and the stages
+    call the plain model functionally (masks substituted), so without this each rank would keep the
+    statistics of its own shard: validation on rank 1 would judge a network other than the one saved,
+    and a resumed run (every rank loads rank 0's statistics) would differ from an uninterrupted one.
+    Called at the start of every training step, as DDP would before its forward; all ranks call it.
+    """
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for tensors in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        torch.distributed.broadcast(flat, src=src)
+        offset = 0
+        for t in tensors:
+            t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:

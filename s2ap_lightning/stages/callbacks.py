@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -118,7 +118,7 @@ def next_hpc_checkpoint(folder: str | Path) -> Path:
     return Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
-class SlurmRequeue(L.Callback):
+class SlurmRequeue(Checkpoint):
     """SLURM auto-requeue that saves at a batch boundary, on every rank together.
 
     Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves the hpc checkpoint inside
@@ -127,7 +127,8 @@ class SlurmRequeue(L.Callback):
     for a batch it does not count as processed, so the resumed run differs from an uninterrupted one)
     or, under DDP, while another rank waits in a collective (a hang). Here the signal only sets a flag;
     at the end of each training batch all ranks agree on it (one small all-reduce, only in a SLURM job
-    with auto-requeue) and then save ``hpc_ckpt_<N>.ckpt`` into ``trainer.default_root_dir`` together,
+    with auto-requeue) and then save ``hpc_ckpt_<N>.ckpt`` into ``trainer.default_root_dir`` together
+    (after the last batch of an epoch: once the epoch's validation and end-of-epoch hooks are done),
     which Lightning resumes from when the requeued job restarts. Rank 0 requeues the job with
     ``scontrol requeue``; the ranks then wait for SLURM to stop them instead of training on past the
     checkpoint. The checkpoint records the job id, so that the restarted job is recognised as the same
@@ -145,6 +146,7 @@ class SlurmRequeue(L.Callback):
     def __init__(self, wait_s: float = 600.0) -> None:
         self.wait_s = wait_s
         self._signalled = False
+        self._at_epoch_end = False
         self._active = False
         self._signum: int | None = None
         self._previous: Any = None
@@ -182,13 +184,27 @@ class SlurmRequeue(L.Callback):
         if job is not None:
             checkpoint["slurm_job_id"] = job
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if not self._active:
             return
         # Every rank takes part, whether or not its own process has seen the signal yet.
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
         self._signalled = False
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The epoch's validation and end-of-epoch updates (learning rate, mask cache, schedules)
+            # still belong to this epoch: save once they are done, at the end of on_train_epoch_end.
+            self._at_epoch_end = True
+            return
+        self._save_and_requeue(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A Checkpoint callback: Lightning calls this after the module's own on_train_epoch_end.
+        if self._at_epoch_end:
+            self._at_epoch_end = False
+            self._save_and_requeue(trainer)
+
+    def _save_and_requeue(self, trainer: L.Trainer) -> None:
         path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)), src=0)
         trainer.save_checkpoint(path, weights_only=False)
         status = 0

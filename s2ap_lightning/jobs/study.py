@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -473,11 +475,91 @@ def _cell_job(spec_dict: dict[str, Any], cell_dict: dict[str, Any]) -> str:
     return Cell(**cell_dict).key
 
 
+#: SLURM job states in which a submitted cell is still on its way (not to be submitted again).
+ACTIVE_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+     "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+)  # fmt: skip
+
+
+def check_slurm(spec: StudySpec) -> None:
+    """The cluster settings of a spec, checked before anything is submitted (one-line errors)."""
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("launcher=slurm, but no `sbatch` is on PATH: run on a SLURM login node")
+    partition = spec.slurm.get("slurm_partition") or spec.slurm.get("partition")
+    if partition:
+        known = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True).stdout.split()
+        if partition not in known:
+            raise ValueError(
+                f"slurm.slurm_partition={partition!r} does not exist; "
+                f"partitions: {', '.join(known) or 'none'}"
+            )
+    gpus = spec.slurm.get("gpus_per_node") or spec.slurm.get("slurm_gpus_per_node") or 0
+    if spec.accelerator in ("gpu", "cuda") and not gpus:
+        raise ValueError(
+            f"accelerator={spec.accelerator!r} needs one GPU per cell, but slurm: grants none "
+            "(set slurm.gpus_per_node: 1, or accelerator: cpu)"
+        )
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM's state of each of ``job_ids`` that it still has queued or running (one ``squeue``)."""
+    if not job_ids:
+        return {}
+    listed = subprocess.run(
+        ["squeue", "--me", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True
+    )
+    states = dict(line.split()[:2] for line in listed.stdout.splitlines() if line.strip())
+    return {j: states[j] for j in job_ids if states.get(j) in ACTIVE_STATES}
+
+
+#: The line of a cell's log that says why it failed (the last exception raised).
+ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b")
+
+
+class SubmittedJobs:
+    """The study's record of which SLURM job runs which cell (``submitit/jobs.json``).
+
+    A second ``s2ap study`` while cells are queued or running asks SLURM about these ids and submits
+    nothing twice (a duplicate would wipe its original's folder); a cell whose job is gone without a
+    result is named with its log, then submitted again.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "jobs.json"
+        self.folder = folder
+        self.jobs: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def record(self, cell: Cell, job_id: str) -> None:
+        self.jobs[cell.key] = job_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.jobs, indent=1))
+        tmp.replace(self.path)
+
+    def log_of(self, job_id: str) -> Path:
+        return self.folder / f"{job_id}_0_log.err"
+
+    def report_lost(self, cell: Cell, job_id: str) -> None:
+        log = self.log_of(job_id)
+        if log.is_file():
+            errors = [line for line in log.read_text(errors="replace").splitlines() if ERROR_LINE.match(line)]
+            reason = f" ({errors[-1].strip()})" if errors else ""
+            print(f"cell {cell.key}: job {job_id} ended without a result{reason}; log: {log}")
+        else:
+            print(
+                f"cell {cell.key}: job {job_id} ended without a result and wrote no log (cancelled before "
+                "it ran, e.g. because a cell it depends on failed)"
+            )
+
+
 def run_submitit(spec: StudySpec, executor: Any = None) -> None:
     """One submitit job per unfinished cell, dependencies respected.
 
-    On SLURM the dependencies are SLURM's own (``afterok``), so this returns once everything is queued;
-    with submitit's local executor (no dependency support) each wave is awaited before the next.
+    On SLURM the dependencies are SLURM's own (``afterok`` with ``kill-on-invalid-dep``: when a cell
+    fails, SLURM cancels the cells that depend on it instead of leaving them pending forever), so this
+    returns once everything is queued; cells already queued or running are not submitted again. With
+    submitit's local executor (no dependency support) each wave is awaited before the next.
     """
     import submitit  # only the SLURM/submitit launchers need submitit
 
@@ -489,20 +571,32 @@ def run_submitit(spec: StudySpec, executor: Any = None) -> None:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
             executor.update_parameters(**spec.slurm)
     on_slurm = not isinstance(executor, submitit.LocalExecutor)
-    jobs: dict[str, Any] = {}
+    submitted = SubmittedJobs(folder)
+    alive = slurm_states(list(submitted.jobs.values())) if on_slurm else {}
+    pending_ids: dict[str, str] = {}  # cell key -> job id of every unfinished cell queued now
     for wave in cells_of(spec):
         wave_jobs = []
         for cell in wave:
             if read_result(spec, cell) is not None:
                 continue
-            deps = [jobs[d.key].job_id for d in depends_on(cell, spec) if d.key in jobs]
+            previous = submitted.jobs.get(cell.key)
+            if previous in alive:
+                pending_ids[cell.key] = previous
+                print(f"cell {cell.key} is already queued as job {previous} ({alive[previous]})", flush=True)
+                continue
+            if previous is not None and on_slurm:
+                submitted.report_lost(cell, previous)
+            deps = [pending_ids[d.key] for d in depends_on(cell, spec) if d.key in pending_ids]
             if on_slurm:
                 extra = dict(spec.slurm.get("slurm_additional_parameters") or {})
                 if deps:
                     extra["dependency"] = "afterok:" + ":".join(deps)
+                    extra["kill-on-invalid-dep"] = "yes"
                 executor.update_parameters(slurm_additional_parameters=extra, name=cell.key.replace("/", "_"))
             job = executor.submit(_cell_job, asdict(spec), asdict(cell))
-            jobs[cell.key] = job
+            pending_ids[cell.key] = str(job.job_id)
+            if on_slurm:
+                submitted.record(cell, str(job.job_id))
             wave_jobs.append(job)
             print(f"submitted {cell.key} as job {job.job_id}", flush=True)
         if not on_slurm:
@@ -514,6 +608,8 @@ def run_study(spec: StudySpec) -> Path | None:
     """Run (or resume) a study; write ``study.csv``, ``study.md`` and plots when every cell is done."""
     from s2ap_lightning.jobs.study_report import write_study_report  # it imports this module
 
+    if spec.launcher == "slurm":
+        check_slurm(spec)  # before the spec is written or anything submitted
     spec.folder.mkdir(parents=True, exist_ok=True)
     (spec.folder / "spec.yaml").write_text(yaml.safe_dump(asdict(spec), sort_keys=False))
     if spec.launcher == "local":

@@ -1,5 +1,6 @@
 """Data parallelism on CPU: 2 processes with gloo through ddp_spawn (pytest is not re-executed)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -139,3 +140,97 @@ def test_ddp_test_counts_every_image_once(tmp_path):
     assert single["n_images"] == ddp["n_images"] == 33
     assert ddp["class_counts"] == single["class_counts"]
     assert ddp["clean_acc"] == single["clean_acc"] and ddp["eps0_acc"] == ddp["clean_acc"]
+
+
+# --------------------------------------------------------------------------- as users run it
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _s2ap(*args, timeout=240):
+    """``s2ap`` with two processes in its own process group; a hang fails in ``timeout`` s."""
+    import signal
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "s2ap_lightning.cli", *args]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"`s2ap {' '.join(args[:2])}` hung for {timeout} s under DDP:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+def _stage(config, folder, *extra):
+    # The defaults a user gets: the CSV logger, best/last checkpoints, the mask tracker, the summary.
+    return _s2ap(
+        "fit", "--config", f"configs/stages/{config}", "--config", "configs/data/synthetic.yaml",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--seed_everything", "0",
+        "--data.synthetic_samples", "256", "--checkpoint.dirpath", str(folder), *extra,
+    )  # fmt: skip
+
+
+def test_every_stage_and_test_under_ddp_with_the_default_logger_and_callbacks(tmp_path):
+    """Two processes (gloo) through the real CLI; the mask tracker's save used to hang rank 0."""
+    _stage("pretrain.yaml", tmp_path / "pre")
+    out = _stage(
+        "s2ap.yaml", tmp_path / "s2ap", "--model.init_from", str(tmp_path / "pre" / "best.ckpt"),
+        "--model.warmup_epochs", "1", "--model.sparsity", "0.8",
+    )  # fmt: skip
+    assert "ScoreSpaceSAMPruner epoch 2/2" in out, "the epoch summary printed (once, by rank 0)"
+    assert out.count("ScoreSpaceSAMPruner epoch 2/2") == 1
+    logs = sorted((tmp_path / "s2ap" / "lightning_logs").glob("version_*"))
+    assert len(logs) == 1 and (logs[0] / "metrics.csv").is_file()
+    masks = sorted(p.name for p in (logs[0] / "masks").iterdir())
+    assert masks == ["epoch_000.pt", "epoch_001.pt", "init.pt"]
+    assert "mask/hamming" in (logs[0] / "metrics.csv").read_text()
+    _stage("finetune.yaml", tmp_path / "ft", "--model.init_from", str(tmp_path / "s2ap" / "best.ckpt"))
+    ckpt = tmp_path / "ft" / "best.ckpt"
+    out = _s2ap(
+        "test", "--config", "configs/stages/finetune.yaml", "--config", "configs/data/synthetic.yaml",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--data.synthetic_samples", "256", "--ckpt_path", str(ckpt), "--model.aa_images", "0",
+    )  # fmt: skip
+    record = json.loads(ckpt.with_suffix(".eval.json").read_text())
+    data = RobustDataModule("synthetic", synthetic_samples=256)
+    data.setup()
+    assert record["world_size"] == 2 and record["n_images"] == len(data.test_set), "every test image once"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
+    kept = sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(kept - 0.2) < 0.01, "the finetuned model keeps the searched 20 %"
+
+
+class DivergingPruner(ScoreSpaceSAMPruner):
+    """Rank 1 zeroes its largest score after each batch: its mask no longer matches rank 0's."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_rank == 1:
+            with torch.no_grad():
+                name, score = next(iter(self.scores.items()))
+                flat = score.view(-1)
+                kept = flat.abs().argmax()
+                flat[kept] = 0.0
+
+
+def test_masks_that_differ_between_ranks_stop_the_run(tmp_path):
+    from s2ap_lightning.analysis.stability import MaskStabilityCallback
+
+    pruner = DivergingPruner(
+        model="small_cnn", num_classes=4, in_channels=3, eps=0.1, step_size=0.03, attack_steps=1,
+        eval_pgd_steps=1, sparsity=0.8, warmup_epochs=0,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", limit_train_batches=2, limit_val_batches=1,
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[MaskStabilityCallback(dirpath=str(tmp_path), save_masks=False)],
+    )  # fmt: skip
+    with pytest.raises(Exception, match="the masks differ between ranks at epoch 0"):
+        trainer.fit(pruner, datamodule=RobustDataModule("synthetic", batch_size=16, synthetic_samples=160))

@@ -196,6 +196,7 @@ def test_every_stage_and_test_under_ddp_with_the_default_logger_and_callbacks(tm
         "test", "--config", "configs/stages/finetune.yaml", "--config", "configs/data/synthetic.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--data.synthetic_samples", "256", "--ckpt_path", str(ckpt), "--model.aa_images", "0",
+        "--checkpoint.dirpath", str(tmp_path / "test"),
     )  # fmt: skip
     record = json.loads(ckpt.with_suffix(".eval.json").read_text())
     data = RobustDataModule("synthetic", synthetic_samples=256)

@@ -116,13 +116,14 @@ def _position(steps_per_epoch, where):
     return steps_per_epoch + {"first": 0, "middle": steps_per_epoch // 2, "last": steps_per_epoch - 1}[where]
 
 
+SLOW = pytest.mark.slow  # same mechanism as a default case; run with `pytest -m slow`
 CASES = [
     # (base_method, strategy, devices, where)
     ("hydra", "auto", 1, "middle"),
     ("harp", "auto", 1, "middle"),  # HARP's learnt rates and size-loss schedule survive the kill too
-    ("hydra", "ddp", 1, "last"),
+    pytest.param("hydra", "ddp", 1, "last", marks=SLOW),
     ("hydra", "ddp", 2, "first"),
-    ("hydra", "ddp", 2, "middle"),
+    pytest.param("hydra", "ddp", 2, "middle", marks=SLOW),
     ("hydra", "ddp", 2, "last"),
 ]
 
@@ -151,7 +152,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
         assert any(k.startswith("scores.rates") for k in ref["state"])
 
 
-@pytest.mark.parametrize(("devices", "where"), [(1, "middle"), (2, "middle"), (2, "last")])
+@pytest.mark.parametrize(
+    ("devices", "where"), [(1, "middle"), pytest.param(2, "middle", marks=SLOW), (2, "last")]
+)
 def test_slurm_requeue_signal_then_resume_equals_uninterrupted(tmp_path, reference, devices, where):
     """SIGUSR1 reaches rank 0 only; every rank saves the hpc checkpoint at the end of that batch."""
     ref = reference("hydra", "ddp", devices)

@@ -38,17 +38,8 @@ def _run(out, *args, base_method="hydra", strategy="auto", devices=1, slurm=None
         "RESUME_STRATEGY": strategy,
         "RESUME_DEVICES": str(devices),
     }
-    command = [sys.executable, str(WORKER), str(out), *args]
-    if slurm is None:
-        proc = subprocess.Popen(
-            command,
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    else:
+    command = launch = [sys.executable, str(WORKER), str(out), *args]
+    if slurm is not None:
         # A fake srun: one process per task in one process group, each with its SLURM_PROCID.
         slurm.mkdir(exist_ok=True)
         scontrol = slurm / "scontrol"
@@ -70,14 +61,10 @@ def _run(out, *args, base_method="hydra", strategy="auto", devices=1, slurm=None
         tasks = " & ".join(
             f"SLURM_PROCID={r} SLURM_LOCALID={r} {' '.join(map(str, command))}" for r in range(devices)
         )
-        proc = subprocess.Popen(
-            ["sh", "-c", f"{tasks} & wait"],
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        launch = ["sh", "-c", f"{tasks} & wait"]
+    proc = subprocess.Popen(
+        launch, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

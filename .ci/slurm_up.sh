@@ -14,8 +14,13 @@ CONF_DIR=/etc/slurm
 LOG_DIR=/var/log/s2ap-slurm
 
 stop() {
-  for pid in "$STATE"/slurmctld.pid "$STATE"/slurmd.pid; do
-    [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
+  # By pid file, but only a process that is that daemon (a stale file may name a reused pid).
+  for daemon in slurmctld slurmd; do
+    pid=$(cat "$STATE/$daemon.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$daemon" ]; then
+      kill "$pid"
+      for _ in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    fi
   done
 }
 
@@ -49,7 +54,7 @@ chown munge:munge /etc/munge/munge.key && chmod 0600 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  runuser -u munge -- /usr/sbin/munged
+  runuser -u munge -- /usr/sbin/munged --force  # --force: a stale socket from a killed munged
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
@@ -85,7 +90,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
 stop
-sleep 0.5
 slurmctld
 slurmd
 for _ in $(seq 120); do

@@ -27,7 +27,7 @@ echo "$@" >> "$FAKE_SCONTROL_LOG"
 """
 
 
-def _run(out, *args, base_method="hydra", strategy="auto", devices=1, slurm=None):
+def _run(out, *args, base_method="hydra", strategy="auto", devices=1, slurm=None, scontrol=FAKE_SCONTROL):
     """Run the worker like a user's job: its own process group, all ranks, bounded in time.
 
     ``slurm``: a folder for the fake ``scontrol``; the tasks then get SLURM variables as srun sets them.
@@ -42,9 +42,8 @@ def _run(out, *args, base_method="hydra", strategy="auto", devices=1, slurm=None
     if slurm is not None:
         # A fake srun: one process per task in one process group, each with its SLURM_PROCID.
         slurm.mkdir(exist_ok=True)
-        scontrol = slurm / "scontrol"
-        scontrol.write_text(FAKE_SCONTROL)
-        scontrol.chmod(0o755)
+        (slurm / "scontrol").write_text(scontrol)
+        (slurm / "scontrol").chmod(0o755)
         env.update(
             RESUME_SLURM="1",
             PATH=f"{slurm}:{env['PATH']}",
@@ -159,6 +158,15 @@ def test_slurm_requeue_signal_then_resume_equals_uninterrupted(tmp_path, referen
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     _assert_same_search(torch.load(tmp_path / "resume.pt", weights_only=True), ref)
+
+
+def test_a_refused_requeue_keeps_the_checkpoint_and_trains_on(tmp_path):
+    """`scontrol requeue` failing (a job without --requeue, say) must not stop or lose the run."""
+    refusing = "#!/bin/sh\necho 'Requeue of job not allowed' >&2\nexit 1\n"
+    done = _run(tmp_path, "usr1", "5", strategy="ddp", slurm=tmp_path / "slurm", scontrol=refusing)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Requeue of job not allowed" in done.stderr and "training goes on" in done.stderr
+    assert (tmp_path / "ckpt" / "hpc_ckpt_1.ckpt").is_file() and (tmp_path / "usr1.pt").is_file()
 
 
 def test_resuming_under_another_seed_is_refused():

@@ -210,10 +210,13 @@ class SlurmRequeue(Checkpoint):
         status = 0
         if trainer.is_global_zero:
             job = slurm_job_id()
-            done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
-            status = done.returncode
+            try:
+                done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+                status, why = done.returncode, done.stderr.strip()
+            except FileNotFoundError:
+                status, why = 127, "scontrol is not on PATH"
             if status:
-                rank_zero_warn(f"`scontrol requeue {job}` failed ({done.stderr.strip()}); training goes on")
+                rank_zero_warn(f"`scontrol requeue {job}` failed ({why}); {path} is saved, training goes on")
             else:
                 print(f"saved {path} and requeued SLURM job {job}; waiting to be stopped", flush=True)
         if trainer.strategy.broadcast(status, src=0):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -68,6 +69,31 @@ class S2APCLI(LightningCLI):
         "aa_version",
     )
 
+    #: Of the evaluation settings, those that define the threat model (see ``_parse_ckpt_path``).
+    THREAT_KEYS = ("eps", "step_size", "norm")
+
+    def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
+        self._raw_args = list(sys.argv[1:] if args_list is None else args_list)
+        super().__init__(*args, args=args_list, **kwargs)
+
+    def _given(self, key: str) -> bool:
+        """Whether the command itself sets ``model.<key>``: as an option or in a ``--config`` file."""
+        options = (f"--model.{key}", f"--model.init_args.{key}")
+        raw = self._raw_args
+        if any(a in options or a.startswith(tuple(o + "=" for o in options)) for a in raw):
+            return True
+        files = [b for a, b in zip(raw, raw[1:], strict=False) if a == "--config"]
+        files += [a.split("=", 1)[1] for a in raw if a.startswith("--config=")]
+        for name in files:
+            try:
+                config = yaml.safe_load(Path(name).read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict) and (key in model or key in (model.get("init_args") or {})):
+                return True
+        return False
+
     def before_instantiate_classes(self) -> None:
         # Logs, per-epoch masks and the saved config go beside the run's checkpoints, not into
         # ./lightning_logs of whatever folder the command was started from.
@@ -91,7 +117,9 @@ class S2APCLI(LightningCLI):
         if subcommand in ("test", "validate"):
             for key in self.EVAL_KEYS:
                 value = self.config.get(f"{subcommand}.model.init_args.{key}")
-                if value is not None:
+                # The threat model is the checkpoint's unless the command names another one: the
+                # class defaults (8/255) must not replace the eps a model was trained and selected at.
+                if value is not None and (key not in self.THREAT_KEYS or self._given(key)):
                     keep[key] = value
         super()._parse_ckpt_path()
         for key, value in keep.items():
@@ -100,6 +128,13 @@ class S2APCLI(LightningCLI):
     def _preflight(self) -> None:
         # The data first: a split too small or a folder that cannot be read fails before any write.
         self.datamodule.setup(self.subcommand)
+        sub = self.subcommand
+        if sub in ("test", "validate") and not self.config.get(f"{sub}.ckpt_path"):
+            if not self.model.hparams.get("init_from"):
+                raise ValueError(
+                    f"s2ap {sub} without --ckpt_path (or --model.init_from) would evaluate an untrained "
+                    "network: pass the checkpoint to evaluate, e.g. --ckpt_path runs/finetune/best.ckpt"
+                )
         self.model.preflight(self.trainer, self.subcommand)
         if self.subcommand == "fit":
             self._refuse_overwrite()
@@ -191,10 +226,10 @@ def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
     return S2APCLI(
         RobustTask,
         RobustDataModule,
+        args_list=argv,
         subclass_mode_model=True,
         # Checkpoints are written to a temporary file and renamed, so a crash mid-save keeps the last one.
         trainer_defaults={"plugins": [{"class_path": "s2ap_lightning.checkpoint.AtomicCheckpointIO"}]},
-        args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "s2ap: " + ", ".join(TOOLS) + " are further commands"},

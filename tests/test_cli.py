@@ -82,6 +82,12 @@ def test_export_round_trip(chained, tmp_path, capsys):
     assert abs(global_sparsity - 0.8) < 0.01
 
 
+def latest_record(ckpt):
+    """The newest evaluation record of ``ckpt`` (a second evaluation writes ``.eval.2.json``)."""
+    records = sorted(Path(ckpt).parent.glob(Path(ckpt).stem + ".eval*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(records[-1].read_text())
+
+
 def run_test_subcommand(stage_cfg, ckpt, out_dir, *extra):
     """`s2ap test` on a checkpoint, synthetic data, writing into out_dir."""
     return cli(
@@ -113,7 +119,7 @@ def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
     run_test_subcommand(
         "finetune.yaml", ft, tmp / "test", "--model.eval_pgd_steps", "7", "--model.aa_images", "3"
     )
-    record = json.loads(ft.with_suffix(".eval.json").read_text())
+    record = latest_record(ft)
     assert record["protocol"]["pgd_steps"] == 7 and record["n_aa_images"] == 3
     # The AutoAttack sample is class-stratified and recorded; synthetic data has 4 classes.
     assert sum(record["aa_class_counts"].values()) == 3 and len(record["aa_class_counts"]) == 3
@@ -320,3 +326,53 @@ def test_report_from_any_runs_test_records(chained, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no evaluation records .*s2ap test --ckpt_path"):
         cli("report", str(tmp_path))
     assert main(["report", str(tmp)]) == 2, "an existing report.md is not replaced without --overwrite"
+
+
+def test_test_keeps_the_trained_threat_model_and_every_record(tmp_path, capsys):
+    """Trained at eps 0.05 (explicitly; the class default is 8/255): tested at 0.05 unless told."""
+    fast = ["--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", str(FAST)]
+    run = tmp_path / "run"
+    cli("fit", *fast, "--trainer.max_epochs", "1", "--model.eps", "0.05", "--model.step_size", "0.02",
+        "--checkpoint.dirpath", str(run))  # fmt: skip
+    ckpt = run / "best.ckpt"
+    test = [
+        "test",
+        *fast,
+        "--ckpt_path",
+        str(ckpt),
+        "--model.aa_images",
+        "0",
+        "--checkpoint.dirpath",
+        str(run),
+    ]
+    capsys.readouterr()
+    cli(*test)
+    first = json.loads((run / "best.eval.json").read_text())
+    assert first["protocol"]["eps"] == 0.05 and first["protocol"]["step_size"] == 0.02
+    assert first["trained_threat_model"]["eps"] == 0.05
+    out = capsys.readouterr().out
+    assert "threat model: linf eps 0.05; PGD-" in out and "NOT the training" not in out
+    assert "test/eps" in out, "the budget stands in the table beside the figures"
+    before = (run / "best.eval.json").read_bytes()
+
+    cli(*test, "--model.eps", "0.2", "--model.step_size", "0.05")
+    assert (run / "best.eval.json").read_bytes() == before, "the first record is never replaced"
+    second = json.loads((run / "best.eval.2.json").read_text())
+    assert second["protocol"]["eps"] == 0.2
+    assert second["hyper_parameters"]["eps"] == 0.05, "the record says what the model was trained at"
+    assert "NOT the training threat model (linf eps 0.05)" in capsys.readouterr().out
+
+    # The report keeps the two budgets apart: one table each, the eps in its heading.
+    assert cli("report", str(run)) == 0
+    text = (run / "report.md").read_text()
+    assert "## dataset `synthetic`, linf eps 0.05" in text and "## dataset `synthetic`, linf eps 0.2" in text
+    assert "`best.eval.2.json`" in text
+
+
+def test_test_without_a_checkpoint_is_refused(tmp_path, capsys):
+    args = ["test", "--config", str(CONFIGS / "stages" / "finetune.yaml"), "--config", str(FAST),
+            "--checkpoint.dirpath", str(tmp_path)]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "without --ckpt_path (or --model.init_from) would evaluate an untrained network" in err
+    assert not list(tmp_path.rglob("*.json")), "nothing evaluated, nothing written"

@@ -160,9 +160,35 @@ def write_report(runs: Path) -> Path:
     return out
 
 
+RECORD_HEADER = (
+    "| record | stage | method | sparsity | gamma | clean | PGD | AutoAttack | images (AA) | checks |"
+)
+
+
+def _record_row(r: dict[str, Any], pct: Any) -> str:
+    cells = [
+        f"`{r['record']}`",
+        str(r["stage"]),
+        str(r["base_method"] or "-"),
+        "-" if r["sparsity"] is None else f"{r['sparsity']:g}",
+        "-" if r["gamma"] is None else f"{r['gamma']:g}",
+        pct(r["clean_acc"]),
+        pct(r["pgd_acc"]),
+        pct(r["aa_acc"]),
+        f"{r['n_images']} ({r['n_aa_images']})",
+        "ok" if r["passed"] else "FAILED",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def find_records(folder: Path) -> list[Path]:
-    """Every evaluation record ``s2ap test`` wrote under ``folder`` (``*.eval.json``, ``eval.json``)."""
-    return sorted({*folder.rglob("*.eval.json"), *folder.rglob("eval.json")})
+    """Every evaluation record ``s2ap test`` wrote under ``folder``.
+
+    ``*.eval.json`` and ``eval.json``, and the later evaluations of the same checkpoint, which are
+    numbered (``*.eval.2.json``) rather than written over the first.
+    """
+    names = ("*.eval.json", "eval.json", "*.eval.*.json", "eval.*.json")
+    return sorted({p for name in names for p in folder.rglob(name)})
 
 
 def write_records_report(folder: Path) -> Path:
@@ -181,8 +207,14 @@ def write_records_report(folder: Path) -> Path:
     for path in paths:
         rec = json.loads(path.read_text())
         hp = rec.get("hyper_parameters") or {}
+        protocol = rec.get("protocol") or {}
         rows.append(
             {
+                "group": (
+                    str((rec.get("dataset") or {}).get("dataset", "?")),
+                    str(protocol.get("norm", "?")),
+                    protocol.get("eps"),
+                ),
                 "record": str(path.relative_to(folder)),
                 "stage": rec.get("stage"),
                 "base_method": hp.get("base_method", ""),
@@ -200,25 +232,19 @@ def write_records_report(folder: Path) -> Path:
         f"# Evaluation records under `{folder}`",
         "",
         f"{len(rows)} record(s); accuracies in %. Generated {time.strftime('%Y-%m-%d %H:%M')} "
-        f"(project commit {git_commit()}).",
-        "",
-        "| record | stage | method | sparsity | gamma | clean | PGD | AutoAttack | images (AA) | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"(project commit {git_commit()}). One table per dataset and threat model (the evaluated one): "
+        "figures measured at different budgets are not comparable.",
     ]
-    for r in rows:
-        cells = [
-            f"`{r['record']}`",
-            str(r["stage"]),
-            str(r["base_method"] or "-"),
-            "-" if r["sparsity"] is None else f"{r['sparsity']:g}",
-            "-" if r["gamma"] is None else f"{r['gamma']:g}",
-            pct(r["clean_acc"]),
-            pct(r["pgd_acc"]),
-            pct(r["aa_acc"]),
-            f"{r['n_images']} ({r['n_aa_images']})",
-            "ok" if r["passed"] else "FAILED",
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g[0], g[1], g[2] if g[2] is not None else -1))
+    for dataset, norm, eps in groups:
+        lines += [
+            "",
+            f"## dataset `{dataset}`, {norm} eps {'?' if eps is None else f'{eps:g}'}",
+            "",
+            RECORD_HEADER,
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines += [_record_row(r, pct) for r in rows if r["group"] == (dataset, norm, eps)]
     sparse = [r for r in rows if r["sparsity"] is not None and r["pgd_acc"] is not None]
     if len({r["sparsity"] for r in sparse}) > 1:
         fig, ax = subplots(figsize=(5, 3.5))

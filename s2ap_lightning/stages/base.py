@@ -249,6 +249,8 @@ class RobustTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # State restored from this stage's own checkpoint wins over `init_from`.
         self._restored = True
+        # What the model was trained with: an evaluation record keeps it apart from what was tested.
+        self._trained_hparams = dict(checkpoint.get("hyper_parameters") or {})
         # Applied when training resumes (after the sanity check, which draws random attack starts).
         self._pending_rng = checkpoint.get("rng")
 
@@ -411,8 +413,23 @@ class RobustTask(L.LightningModule):
         )
         if self._aa_plan is not None and self._aa_plan.skipped:
             self.print(self._aa_plan.describe())
+        self.print(self.threat_model_line())
         self._test_flags: list[dict[str, Tensor]] = []
         self._aa_warnings: list[str] = []
+
+    def threat_model_line(self) -> str:
+        """What this evaluation attacks with, and what the model was trained at when that differs."""
+        p, hp = self.eval_protocol, self.hparams
+        aa = f"AutoAttack {p.aa_version} on {p.aa_images} images" if p.aa_images else "no AutoAttack"
+        line = (
+            f"threat model: {p.norm} eps {p.eps:g}; PGD-{p.pgd_steps} (step {p.step_size:g}, "
+            f"{p.pgd_restarts} restart(s)); {aa}"
+        )
+        trained = getattr(self, "_trained_hparams", None) or {}
+        was = (trained.get("norm", hp.norm), trained.get("eps", hp.eps))
+        if was != (p.norm, p.eps):
+            line += f". NOT the training threat model ({was[0]} eps {was[1]:g})"
+        return line
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y, index = batch
@@ -440,6 +457,9 @@ class RobustTask(L.LightningModule):
         for key in ("clean_acc", "pgd_acc", "pgd_fewer_acc", "eps0_acc", "aa_acc"):
             if getattr(record, key) is not None:
                 self.log(f"test/{names.get(key, key)}", getattr(record, key), rank_zero_only=True)
+        # In Lightning's table of test figures, beside them: the budget they were measured at.
+        self.log("test/eps", float(self.eval_protocol.eps), rank_zero_only=True)
+        self.log("test/pgd_steps", float(self.eval_protocol.pgd_steps), rank_zero_only=True)
         for failure in record.failures():
             rank_zero_warn(
                 f"EVALUATION CHECK FAILED ({failure}). The robust accuracy may be overestimated "
@@ -451,17 +471,24 @@ class RobustTask(L.LightningModule):
             self.print(f"evaluation written to {path}")
 
     def record_path(self) -> Path:
-        """``<checkpoint>.eval.json`` beside an evaluated checkpoint, else ``eval.json`` in the log dir."""
+        """``<checkpoint>.eval.json`` beside an evaluated checkpoint, else ``eval.json`` in the log dir.
+
+        A record is never replaced: a second evaluation of the same checkpoint (another threat model,
+        a quick PGD-only look after a long AutoAttack run) writes ``<checkpoint>.eval.2.json``, etc.
+        """
         ckpt = getattr(self.trainer, "ckpt_path", None)
         if ckpt:
-            return Path(ckpt).with_suffix(".eval.json")
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "eval.json"
+            first = Path(ckpt).with_suffix(".eval.json")
+        else:
+            first = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "eval.json"
+        return unused_record_path(first)
 
     def evaluation_record(self, record: EvalRecord) -> dict[str, Any]:
         """The JSON record: figures, what they rest on, checks, and everything to reproduce them."""
         trainer = self.trainer
         data = getattr(trainer, "datamodule", None)
         ckpt = getattr(trainer, "ckpt_path", None)
+        trained = getattr(self, "_trained_hparams", None) or dict(self.hparams)
         return {
             "checkpoint": str(ckpt) if ckpt else None,
             "stage": type(self).__name__,
@@ -469,12 +496,23 @@ class RobustTask(L.LightningModule):
             "test_subset": getattr(data, "test_subset_info", None),
             "seed": os.environ.get("PL_GLOBAL_SEED"),
             "dataset": plain(dict(data.hparams)) if data is not None else None,
-            "hyper_parameters": plain(dict(self.hparams)),
+            # As trained (the checkpoint's); what was evaluated is `protocol` above.
+            "hyper_parameters": plain(trained),
+            "trained_threat_model": {k: trained.get(k) for k in ("norm", "eps", "step_size", "attack_steps")},
             "precision": str(trainer.precision),
             "world_size": trainer.world_size,
             "git_commit": git_commit(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def unused_record_path(first: Path) -> Path:
+    """``first`` if it does not exist yet, else ``<stem>.2.json``, ``<stem>.3.json``, ... (the first free)."""
+    path, n = first, 1
+    while path.exists():
+        n += 1
+        path = first.with_name(f"{first.name.removesuffix('.json')}.{n}.json")
+    return path
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

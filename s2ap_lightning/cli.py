@@ -109,10 +109,18 @@ class S2APCLI(LightningCLI):
         # `--ckpt_path` is given, which would silently drop `--model.aa_images 10000` and the like.
         subcommand = self.config.get("subcommand")
         path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
+        saved = None
         if path and path not in ("last", "best", "hpc", "registry"):
             # Lightning reads this file here, before anything else: fail in seconds, naming the file,
             # on a missing, truncated or code-needing checkpoint instead of a bare torch error.
-            load_file(path)
+            saved = load_file(path)
+        elif subcommand == "fit" and path == "last":
+            dirpath = self.config.get("fit.checkpoint.dirpath")
+            last = Path(dirpath) / "last.ckpt" if dirpath else None
+            saved = load_file(last) if last is not None and last.is_file() else None
+        if subcommand == "fit" and isinstance(saved, dict) and not self.config.get("fit.overwrite"):
+            # A named file's settings replace the command's (below); `last` runs with the command's.
+            self._refuse_changed_run(saved, merged=path != "last")
         keep = {}
         if subcommand in ("test", "validate"):
             for key in self.EVAL_KEYS:
@@ -124,6 +132,49 @@ class S2APCLI(LightningCLI):
         super()._parse_ckpt_path()
         for key, value in keep.items():
             self.config[f"{subcommand}.model.init_args.{key}"] = value
+
+    #: Settings that define a run: resuming it under other values would silently make it another run.
+    RUN_KEYS = (
+        "model", "sparsity", "gamma", "base_method", "scope", "min_layer_keep", "robust_loss", "beta",
+        "eps", "step_size", "norm", "attack_steps",
+    )  # fmt: skip
+
+    def _refuse_changed_run(self, saved: dict[str, Any], merged: bool) -> None:
+        """Resuming with settings that define the run changed is refused, naming old and new values.
+
+        With a named checkpoint file LightningCLI replaces the command's model settings by the
+        checkpoint's, so only what the command sets explicitly can conflict (and would be dropped
+        silently); with ``last`` the command's settings are the ones that run, so all are compared.
+        The seed fixes the data order and the attacks' random starts, at any point of an epoch.
+        """
+        old_hp = saved.get("hyper_parameters") or {}
+        init_args = self.config.get("fit.model.init_args")
+        new_hp = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        changed = [
+            f"{key}: {old_hp[key]!r} -> {new_hp[key]!r}"
+            for key in self.RUN_KEYS
+            if key in old_hp
+            and key in new_hp
+            and old_hp[key] != new_hp[key]
+            and (not merged or self._given(key))
+        ]
+        loader = (
+            ((saved.get("loops") or {}).get("fit_loop") or {}).get("state_dict", {}).get("combined_loader")
+        )
+        old_seed = loader[0].get("seed") if isinstance(loader, list) and loader and loader[0] else None
+        new_seed = self.config.get("fit.seed_everything")
+        if new_seed is None or new_seed is False:
+            new_seed = 0  # no seeding: the training sampler's order uses seed 0
+        if old_seed is not None and new_seed is True:
+            changed.append(f"seed_everything: {old_seed} -> true (a new random seed)")
+        elif old_seed is not None and new_seed != old_seed:
+            changed.append(f"seed_everything: {old_seed} -> {new_seed}")
+        if changed:
+            raise ValueError(
+                f"resuming a run with settings that define it changed ({'; '.join(changed)}): that would "
+                "be another run under the old one's name. Resume with the old values, start a new run in "
+                "another --checkpoint.dirpath, or pass --overwrite true"
+            )
 
     def _preflight(self) -> None:
         # The data first: a split too small or a folder that cannot be read fails before any write.

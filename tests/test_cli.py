@@ -376,3 +376,32 @@ def test_test_without_a_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "without --ckpt_path (or --model.init_from) would evaluate an untrained network" in err
     assert not list(tmp_path.rglob("*.json")), "nothing evaluated, nothing written"
+
+
+def test_resume_with_changed_run_settings_is_refused(chained, tmp_path, capsys):
+    """At an epoch's end (last.ckpt) as mid-epoch: another gamma, sparsity or seed is another run."""
+    _, pre, prune, _ = chained
+    run = tmp_path / "s2ap"
+    import shutil
+
+    run.mkdir()
+    shutil.copy(prune.with_name("last.ckpt"), run / "last.ckpt")
+    before = (run / "last.ckpt").read_bytes()
+
+    def resume(*extra):
+        args = fit_args(
+            "s2ap.yaml", run, "--trainer.max_epochs", "3", *prune_args(pre), *extra, configs=[FAST]
+        )
+        return main(args)
+
+    assert resume("--ckpt_path", "last", "--model.gamma", "0.05") == 2
+    assert "settings that define it changed (gamma: 0.01 -> 0.05)" in capsys.readouterr().err
+    assert resume("--ckpt_path", str(run / "last.ckpt"), "--model.sparsity", "0.9") == 2
+    assert "(sparsity: 0.8 -> 0.9)" in capsys.readouterr().err, "a named file would drop it silently"
+    assert resume("--ckpt_path", "last", "--seed_everything", "5") == 2
+    assert "seed_everything: 0 -> 5" in capsys.readouterr().err
+    assert (run / "last.ckpt").read_bytes() == before, "nothing resumed, nothing written"
+    # The same settings resume; --overwrite true takes the new ones on purpose.
+    assert resume("--ckpt_path", "last") == 0
+    assert resume("--ckpt_path", "last", "--model.gamma", "0.05", "--trainer.max_epochs", "4",
+                  "--overwrite", "true") == 0  # fmt: skip

@@ -6,8 +6,10 @@ looks at the test split.
 
 from __future__ import annotations
 
+import os
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,24 +121,165 @@ def synthetic(
 
 
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "imagenet")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# How many unreadable files and how many sizes one error or warning names: enough to act on, one line.
+_NAMED = 3
+# Scans of the folders built in this process, so setup() does not read every header a second time.
+_SCANS: dict[Path, _FolderScan] = {}
 
 
 def _class_dirs(split: Path) -> list[Path]:
     return sorted(d for d in split.iterdir() if d.is_dir())
 
 
-def _first_image(train: Path) -> Path:
-    # torchvision loads slowly; only image datasets need it
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+def _class_images(folder: Path) -> list[Path]:
+    """The files torchvision's ``ImageFolder`` takes from a class folder, in its order.
 
-    for folder in _class_dirs(train):
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() in IMG_EXTENSIONS:
-                return path
-    raise FileNotFoundError(
-        f"{train} holds no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders"
-    )
+    Found the way ``ImageFolder`` finds them (sub-folders walked, links followed, extension matched
+    case-insensitively), so the scan checks exactly the files training will read.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision loads slowly
+
+    found = []
+    for top, _, names in sorted(os.walk(folder, followlinks=True)):
+        found += [Path(top, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+    return found
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _read_image(path: Path) -> tuple[str, tuple[int, int]]:
+    """Mode and size of an image, after decoding it whole.
+
+    ``verify()`` would be cheaper, but it misses a truncated JPEG that training would stop on; a full
+    decode fails exactly where training would. JPEGs decode at reduced scale (``draft``), which
+    still reads every byte of the stream but costs about half.
+    """
+    from PIL import Image  # only image folders need PIL
+
+    with Image.open(path) as img:
+        mode, size = img.mode, img.size
+        img.draft(mode, (1, 1))
+        img.load()
+    return mode, size
+
+
+@dataclass
+class _FolderScan:
+    """What every image of an image folder (``train/`` and ``val/``) is, read before training."""
+
+    modes: Counter[str] = field(default_factory=Counter)
+    sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
+    example: dict[Any, Path] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return sum(self.modes.values())
+
+    def grey(self) -> int:
+        return sum(n for mode, n in self.modes.items() if mode in _GREY_MODES)
+
+    def channels(self) -> int:
+        """The majority's channels; a tie keeps colour, which loses nothing."""
+        return 1 if 2 * self.grey() > self.images else 3
+
+    def size(self) -> tuple[int, int]:
+        """The most common size; a tie takes the smaller side, which downsamples rather than upsamples."""
+        return max(self.sizes, key=lambda s: (self.sizes[s], -min(s), s))
+
+    def side(self) -> int:
+        return min(self.size())
+
+
+def _scan_image_folder(root: Path, splits: tuple[Path, ...]) -> _FolderScan:
+    """Decode every image of ``splits`` and count their modes and sizes.
+
+    One bad file would otherwise stop training inside an epoch (in ``val/``: only at ``s2ap test``,
+    after every epoch of fit), and the first file alone would decide channels and side for all.
+
+    Raises:
+        FileNotFoundError: a class folder holds no image file (torchvision would refuse it at setup).
+        ValueError: files that cannot be decoded, named with how many there are.
+
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision loads slowly
+
+    scan, bad, files, empty = _FolderScan(), [], 0, []
+    for split in splits:
+        for folder in _class_dirs(split):
+            paths = _class_images(folder)
+            if not paths:
+                empty.append(str(folder))
+            for path in paths:
+                files += 1
+                try:
+                    mode, size = _read_image(path)
+                except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+                    bad.append((path, _one_line(err)))
+                    continue
+                scan.modes[mode] += 1
+                scan.sizes[size] += 1
+                kind = "grey" if mode in _GREY_MODES else "colour"
+                scan.example.setdefault(kind, path)
+                scan.example.setdefault(size, path)
+    if empty:
+        raise FileNotFoundError(
+            f"image folder {root}: {len(empty)} class folder(s) hold no image files "
+            f"({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:_NAMED])}"
+            + (f" and {len(empty) - _NAMED} more" if len(empty) > _NAMED else "")
+        )
+    if bad:
+        (first, why), rest = bad[0], [str(p) for p, _ in bad[1:]]
+        also = f", also {', '.join(rest[:_NAMED])}" if rest else ""
+        also += f" and {len(rest) - _NAMED} more" if len(rest) > _NAMED else ""
+        raise ValueError(
+            f"cannot read image {first}: {why}; {len(bad)} of {files} image files under {root} cannot be "
+            f"decoded (truncated, corrupt or not images){also}: fix or remove "
+            f"{'them' if rest else 'it'} before training, which would stop on {'each' if rest else 'it'}"
+        )
+    return scan
+
+
+def _modes(scan: _FolderScan, grey: bool) -> str:
+    """``RGB`` or ``colour (RGB: 20, RGBA: 4)``; ``greyscale (L)`` or ``greyscale (L: 9, LA: 1)``."""
+    modes = {m: n for m, n in scan.modes.most_common() if (m in _GREY_MODES) == grey}
+    named = next(iter(modes)) if len(modes) == 1 else ", ".join(f"{m}: {n}" for m, n in modes.items())
+    if grey:
+        return f"greyscale ({named})"
+    return named if len(modes) == 1 else f"colour ({named})"
+
+
+def _choose_channels(root: Path, scan: _FolderScan) -> int:
+    """Channels of the folder's majority; a mixed folder is named with its counts and the choice."""
+    channels, grey = scan.channels(), scan.grey()
+    if 0 < grey < scan.images:
+        other = scan.example["colour" if channels == 1 else "grey"]
+        warnings.warn(
+            f"image folder {root}: {scan.images - grey} of {scan.images} images are {_modes(scan, False)}, "
+            f"{grey} {_modes(scan, True)}: using {channels} channel{'s' if channels > 1 else ''}, the "
+            f"majority's (set data.channels to choose); the others are converted, e.g. {other}",
+            stacklevel=3,
+        )
+    return channels
+
+
+def _choose_side(root: Path, scan: _FolderScan) -> int:
+    """Side of the most common size; a folder of mixed sizes is named with its counts and the choice."""
+    if len(scan.sizes) > 1:
+        sizes = [f"{n} are {w}x{h}" for (w, h), n in sorted(scan.sizes.items(), key=lambda s: -s[1])]
+        more = len(sizes) - _NAMED
+        rest = f", {scan.images - sum(n for _, n in scan.sizes.most_common(_NAMED))} in {more} other sizes"
+        w, h = scan.size()
+        warnings.warn(
+            f"image folder {root}: images differ in size ({scan.images} images: "
+            f"{', '.join(sizes[:_NAMED])}{rest if more > 0 else ''}): using side {min(w, h)} of the most "
+            f"common size, {w}x{h}; the others are resized to it on their shorter side and centre-cropped "
+            f"(set data.crop_size to choose)",
+            stacklevel=3,
+        )
+    return scan.side()
 
 
 def image_folder_info(
@@ -144,9 +287,12 @@ def image_folder_info(
 ) -> DatasetInfo:
     """Classes, channels and side of an image folder, known before training starts.
 
-    ``imagenet`` keeps ImageNet's conventions (3 channels, side 224 unless set). A plain image folder
-    takes channels and side from its first training image unless they are set: greyscale images stay
-    one channel, and images are used at their own size.
+    ``imagenet`` keeps ImageNet's conventions (3 channels, side 224 unless set) and is not decoded
+    here: its 1.3 million files would take many minutes. A plain image folder is decoded whole,
+    ``train/`` and ``val/``, so an unreadable file stops the command now and not inside an epoch
+    (or, in ``val/``, at ``s2ap test``). Unless set, channels and side are the majority's: greyscale
+    images stay one channel, images are used at their own size, and a folder that mixes either is
+    named in a warning with its counts and the choice made.
     """
     root = Path(root)
     train, test = root / "train", root / "val"
@@ -169,17 +315,10 @@ def image_folder_info(
         )
     if imagenet:
         return DatasetInfo(len(classes), channels or 3, crop_size or 224)
-    if crop_size is None or channels is None:
-        from PIL import Image  # only image folders need PIL
-
-        first = _first_image(train)
-        try:
-            with Image.open(first) as img:
-                side, mode = min(img.size), img.mode
-        except OSError as err:
-            raise ValueError(f"cannot read image {first}: {err}") from err
-        crop_size = crop_size or side
-        channels = channels or (1 if mode in _GREY_MODES else 3)
+    scan = _scan_image_folder(root, (train, test))
+    _SCANS[root.resolve()] = scan
+    channels = channels or _choose_channels(root, scan)
+    crop_size = crop_size or _choose_side(root, scan)
     return DatasetInfo(len(classes), channels, crop_size)
 
 
@@ -246,13 +385,16 @@ def image_folder(
 
     root = Path(root)
     if not imagenet:
-        from PIL import Image  # only image folders need PIL
-
-        with Image.open(_first_image(root / "train")) as img:
-            side = min(img.size)
+        scan = _SCANS.get(root.resolve()) or _scan_image_folder(root, (root / "train", root / "val"))
+        side, n = scan.side(), scan.sizes[scan.size()]
         if side < info.image_size:
+            which = (
+                "images are"
+                if n == scan.images
+                else f"{n} of {scan.images} images (the most common size) are"
+            )
             warnings.warn(
-                f"image folder {root}: images are {side} px on their shorter side; crop_size="
+                f"image folder {root}: {which} {side} px on their shorter side; crop_size="
                 f"{info.image_size} upsamples them {(info.image_size / side) ** 2:.1f}x in area (and the "
                 f"cost of every step with them). Leave crop_size unset to use them at {side} px.",
                 stacklevel=2,

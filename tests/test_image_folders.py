@@ -1,0 +1,135 @@
+"""Image folders are checked whole before training: every file decodes, channels and sizes agree.
+
+Each folder is made of tiny real PNGs (``write_image_folder`` of test_data_models: 2 classes x 5
+images per split, 20 in all); a damaged or odd file is never the first one, which was all that was
+read before.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_models import write_image_folder
+
+from s2ap_lightning.cli import main
+from s2ap_lightning.data import RobustDataModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def grey_folder(root):
+    write_image_folder(root, classes=2, per_class=5, size=25, grey=True, wide=0, ext="png")
+    return sorted((root / "train" / "n00000000").iterdir())
+
+
+def save(path, shape):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)).save(path)
+
+
+def folder_warnings(record):
+    return [str(w.message) for w in record if str(w.message).startswith("image folder")]
+
+
+def test_clean_folder_passes_without_a_word(tmp_path):
+    grey_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25)
+        dm.setup()
+    assert folder_warnings(record) == []
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 1, 25)
+    assert dm.test_set[0][0].shape == (1, 25, 25)
+
+
+def test_mixed_channels_take_the_majority_and_say_so(tmp_path):
+    files = grey_folder(tmp_path)
+    for path in (files[0], files[3], tmp_path / "val" / "n00000001" / "2.png"):  # RGB first, as before
+        save(path, (25, 25, 3))
+    with pytest.warns(UserWarning) as record:
+        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25)
+    (message,) = folder_warnings(record)
+    assert (
+        "3 of 20 images are RGB, 17 greyscale (L): using 1 channel, the majority's "
+        "(set data.channels to choose); the others are converted, e.g. " + str(files[0])
+    ) in message
+    assert dm.in_channels == 1
+    dm.setup()
+    assert dm.train_set.dataset[0][0].shape == (1, 25, 25), "the RGB image is converted to grey"
+    # Channels set: the choice is the user's, nothing to report.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        chosen = RobustDataModule("imagefolder", data_dir=str(tmp_path), channels=3)
+    assert chosen.in_channels == 3 and folder_warnings(record) == []
+
+
+def test_mixed_sizes_take_the_most_common_and_list_the_counts(tmp_path):
+    files = grey_folder(tmp_path)
+    for path in (files[0], files[1], tmp_path / "val" / "n00000000" / "4.png"):  # 40x40 first, as before
+        save(path, (40, 40))
+    save(files[2], (30, 36))  # 36 wide, 30 high
+    with pytest.warns(UserWarning) as record:
+        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25)
+    (message,) = folder_warnings(record)
+    assert (
+        "images differ in size (20 images: 16 are 25x25, 3 are 40x40, 1 are 36x30): using side 25 of the "
+        "most common size, 25x25; the others are resized to it on their shorter side and centre-cropped "
+        "(set data.crop_size to choose)"
+    ) in message
+    assert dm.image_size == 25
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dm.setup()
+    assert folder_warnings(record) == [], "the chosen side upsamples no image of the most common size"
+    assert dm.train_set.dataset[0][0].shape == (1, 25, 25), "a 40x40 image is resized to the chosen side"
+    # A crop larger than the most common size still names the upsampling, counted.
+    big = RobustDataModule("imagefolder", data_dir=str(tmp_path), crop_size=50, augmentation="none")
+    with pytest.warns(UserWarning, match=r"16 of 20 images \(the most common size\) are 25 px .* 4.0x"):
+        big.setup()
+
+
+def test_truncated_png_in_train_is_refused_at_construction(tmp_path):
+    files = grey_folder(tmp_path)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as err:
+        RobustDataModule("imagefolder", data_dir=str(tmp_path))
+    message = str(err.value)
+    assert f"cannot read image {files[3]}: image file is truncated" in message
+    assert "1 of 20 image files under" in message and "fix or remove it before training" in message
+    assert "\n" not in message
+
+
+def test_text_named_png_in_val_is_refused_before_fit_writes_anything(tmp_path, capsys):
+    data = tmp_path / "data"
+    grey_folder(data)
+    bad = [data / "val" / "n00000001" / "3.png", data / "train" / "n00000001" / "1.png"]
+    for path in bad:
+        path.write_text("not an image\n")
+    with pytest.raises(ValueError) as err:
+        RobustDataModule("imagefolder", data_dir=str(data))
+    message = str(err.value)
+    assert f"cannot read image {bad[1]}: cannot identify image file" in message  # train/ is read first
+    assert f"2 of 20 image files under {data} cannot be decoded" in message
+    assert f"also {bad[0]}: fix or remove them" in message and "\n" not in message
+    # Through s2ap fit: one line on stderr, no run folder, before any epoch.
+    bad[1].unlink()
+    run = tmp_path / "run"
+    args = ["fit", "--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--data.dataset", "imagefolder",
+            "--data.data_dir", str(data), "--checkpoint.dirpath", str(run), "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(tmp_path / "root")]  # fmt: skip
+    assert main(args) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and f"cannot read image {bad[0]}" in err_lines[0]
+    assert "1 of 19 image files" in err_lines[0]
+    assert not run.exists() and not (tmp_path / "root").exists()
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    grey_folder(tmp_path)
+    for path in (tmp_path / "val" / "n00000001").iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 class folder\(s\) hold no image files .*val/n00000001"):
+        RobustDataModule("imagefolder", data_dir=str(tmp_path))

@@ -7,7 +7,8 @@ included); the reference implementations of HYDRA and HARP sort the scores on ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,11 +19,38 @@ def kept_count(numel: int, sparsity: float) -> int:
 
     ``sparsity`` is always the *pruned* fraction: 0.9 keeps 10 % of the weights. The count is
     ``round((1 - sparsity) * numel)`` exactly, as the method reference states; at extreme sparsity
-    a small layer can therefore keep nothing, which is the faithful behaviour.
+    a small layer can therefore keep nothing. A network with an empty layer passes no signal (it
+    predicts a constant), so :class:`~s2ap_lightning.pruning.scores.ScoreSet` refuses such a sparsity
+    before training (:func:`largest_feasible_sparsity` says how far one can go).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity!r} must lie in [0, 1] (the pruned fraction)")
     return int(round((1.0 - sparsity) * numel))
+
+
+def largest_feasible_sparsity(feasible: Callable[[float], bool]) -> float | None:
+    """The largest sparsity, rounded down to a readable value, for which ``feasible`` still holds.
+
+    Used in the error message of a sparsity that would empty a layer, so that the user learns the
+    limit rather than guessing it. ``feasible`` must be monotone (true up to a threshold, false
+    beyond), as every "each layer keeps a weight" rule is. The threshold is found by bisection and
+    then reported with three significant digits of the kept fraction ``1 - sparsity`` (0.99884, not
+    0.9988425925), rounded so that the printed value itself is feasible. None when not even
+    sparsity 0 is.
+    """
+    if not feasible(0.0):
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+    keep = 1.0 - lo
+    step = 10.0 ** (math.floor(math.log10(keep)) - 2)
+    digits = max(0, -round(math.log10(step)))
+    keep_up = math.ceil(keep / step - 1e-9) * step
+    while keep_up < 1.0 and not feasible(round(1.0 - keep_up, digits)):
+        keep_up += step
+    return max(0.0, round(1.0 - keep_up, digits))
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:

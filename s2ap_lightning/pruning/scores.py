@@ -8,7 +8,8 @@ weights ``w * M(s)`` for the plain ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from torch.func import functional_call
 from s2ap_lightning.models.compiled import masked_forward  # noqa: F401 - this module's public name
 from s2ap_lightning.pruning.masks import (
     kept_count,
+    largest_feasible_sparsity,
     scaled_score_init,
     straight_through,
     topk_mask,
@@ -90,6 +92,46 @@ class ScoreSet(nn.Module):
         )
         #: How many times the masks were computed; the benchmark reads it.
         self.mask_computations = 0
+        self._check_every_layer_keeps_a_weight()
+
+    def layer_sizes(self) -> dict[str, int]:
+        """Number of weights of every prunable layer, in the order of ``names``."""
+        return {n: s.numel() for n, s in self.items()}
+
+    def _check_every_layer_keeps_a_weight(self) -> None:
+        """Refuse, before any training, a sparsity under which some layer would keep no weight.
+
+        An empty layer cuts the network: it then predicts one class whatever the input, and the
+        search would report its accuracy as if it were a result. With ``scope="layer"`` a layer keeps
+        ``round((1 - sparsity) * numel)`` weights, so a small layer empties first. With ``"global"``
+        every layer keeps at least one weight by construction, but the network-wide budget must then
+        cover those minimums, or the masks would silently keep more than the sparsity asked.
+        """
+        sizes = self.layer_sizes()
+        if self.scope == "global":
+            total, layers = sum(sizes.values()), len(sizes)
+
+            def enough(sparsity: float) -> bool:
+                return kept_count(total, sparsity) >= layers
+
+            if not enough(self.sparsity):
+                raise ValueError(
+                    f"sparsity={self.sparsity} with scope='global' allows {kept_count(total, self.sparsity)} "
+                    f"of {total} weights, fewer than one for each of the {layers} prunable layers; "
+                    f"{_largest_clause(enough)}"
+                )
+            return
+
+        def all_kept(sparsity: float) -> bool:
+            return all(kept_count(n, sparsity) >= 1 for n in sizes.values())
+
+        empty = {name: n for name, n in sizes.items() if kept_count(n, self.sparsity) < 1}
+        if empty:
+            raise ValueError(
+                f"sparsity={self.sparsity} leaves {len(empty)} of {len(sizes)} prunable layers with no "
+                f"weight (a layer keeps round((1 - sparsity) * size)): {_layer_list(empty)}; "
+                f"{_largest_clause(all_kept)}"
+            )
 
     def __getitem__(self, name: str) -> nn.Parameter:
         return self.scores[_key(name)]
@@ -190,6 +232,19 @@ class ScoreSet(nn.Module):
         return kept / sum(m.numel() for m in masks.values())
 
 
+def _layer_list(layers: Mapping[str, int]) -> str:
+    """``name (size weights)`` for each layer, comma-separated, for one-line error messages."""
+    return ", ".join(f"{name} ({n} weights)" for name, n in layers.items())
+
+
+def _largest_clause(feasible: Callable[[float], bool]) -> str:
+    """The end of an empty-layer error: the largest sparsity that keeps a weight in every layer."""
+    best = largest_feasible_sparsity(feasible)
+    if best is None:
+        return "no sparsity keeps at least one weight in every layer"
+    return f"the largest sparsity that keeps at least one weight in every layer is {best:g}"
+
+
 #: Which scalar HARP's summed mask gradient is the gradient of (see :class:`HarpScoreSet`).
 RATE_GRADS = ("logit", "keep")
 
@@ -244,6 +299,43 @@ class HarpScoreSet(ScoreSet):
         start = (self.target - self.k_min) / (1.0 - self.k_min)
         logit = float(torch.logit(torch.tensor(start)))
         self.rates = nn.ParameterDict({_key(n): nn.Parameter(torch.tensor(logit)) for n in self.names})
+        self._check_rates_keep_a_weight()
+
+    def lowest_keep_fraction(self, sparsity: float) -> float:
+        """The smallest keep fraction a layer's rate can reach during the search at ``sparsity``.
+
+        The rates start at the target ``1 - sparsity``; a bounded rate cannot go below
+        ``-rate_bound`` (after every step), an unbounded one approaches ``k_min = 0.1 * target``.
+        """
+        target = 1.0 - sparsity
+        k_min = 0.1 * target
+        if self.rate_bound is None:
+            return k_min
+        return min(target, k_min + (1.0 - k_min) / (1.0 + math.exp(self.rate_bound)))
+
+    def _check_rates_keep_a_weight(self) -> None:
+        """Refuse a sparsity at which a learnt rate could empty a layer (checked before training).
+
+        :class:`ScoreSet` has checked the starting counts; here the floor the rates can reach (see
+        :meth:`lowest_keep_fraction`) is checked too, since a layer emptied in the middle of the
+        search cuts the network just as one emptied from the start.
+        """
+        sizes = self.layer_sizes()
+
+        def counts(sparsity: float) -> dict[str, int]:
+            return {name: int(round(self.lowest_keep_fraction(sparsity) * n)) for name, n in sizes.items()}
+
+        def all_kept(sparsity: float) -> bool:
+            return min(counts(sparsity).values()) >= 1
+
+        empty = {name: sizes[name] for name, k in counts(self.sparsity).items() if k < 1}
+        if empty:
+            raise ValueError(
+                f"base_method='harp' at sparsity={self.sparsity} with rate_bound={self.rate_bound} can "
+                f"lower a layer's keep fraction to {self.lowest_keep_fraction(self.sparsity):.3g}, which "
+                f"leaves {len(empty)} of {len(sizes)} prunable layers with no weight: {_layer_list(empty)}; "
+                f"{_largest_clause(all_kept)} (or bound the rates with rate_bound)"
+            )
 
     def keep_fraction(self, name: str) -> Tensor:
         return self.k_min + (1.0 - self.k_min) * torch.sigmoid(self.rates[_key(name)])

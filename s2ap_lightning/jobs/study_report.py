@@ -85,10 +85,43 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow({**row, "check_failures": "; ".join(row.get("check_failures") or [])})
 
 
-def _pct(mean: float, half: float) -> str:
+#: Fewest seeds for which ``study.md`` prints a confidence interval. With two seeds the t quantile is
+#: t_{0.975, 1} = 12.7, so ordinary seed noise of a few points becomes an interval of hundreds of points
+#: (issue 19): it reads like a measurement but says nothing, so the mean is printed with the reason instead.
+MIN_SEEDS_FOR_INTERVAL = 3
+
+
+def interval_missing(n: int, half: float) -> str | None:
+    """Why an interval over ``n`` seeds with half-width ``half`` (a fraction) is not worth printing.
+
+    None when it is. Besides too few seeds, an interval wider than the whole accuracy scale (0 to 100
+    points) is refused too: it would contain every possible value, however many seeds produced it.
+    """
+    if n < MIN_SEEDS_FOR_INTERVAL:
+        return f"{n} seed{'' if n == 1 else 's'}: too few for an interval"
+    if math.isnan(half) or 2 * half > 1.0:
+        return f"{n} seeds: interval wider than the accuracy range"
+    return None
+
+
+def interval_text(values: list[float], signed: bool = False) -> str:
+    """``mean ± 95 % half-width`` in points, or the mean and ``± n/a (why)`` (see :func:`interval_missing`).
+
+    Args:
+        values: one accuracy (or paired difference) per seed, as fractions.
+        signed: print the mean with its sign (paired differences).
+
+    """
+    mean, half = mean_ci(values)
     if math.isnan(mean):
         return "n/a"
-    return f"{100 * mean:.1f} ± {100 * half:.1f}" if not math.isnan(half) else f"{100 * mean:.1f}"
+    shown = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    why = interval_missing(len(values), half)
+    return f"{shown} ± n/a ({why})" if why else f"{shown} ± {100 * half:.1f}"
+
+
+def _pct(values: list[float]) -> str:
+    return interval_text(values)
 
 
 def paired(
@@ -108,8 +141,14 @@ def paired(
     return {s: (v[0], v[1]) for s, v in out.items() if None not in v}
 
 
-def verdict(diff_mean: float, diff_half: float) -> str:
-    """Plain reading of a paired CI: better, worse, or no detectable difference."""
+def verdict(diff_mean: float, diff_half: float, n: int | None = None) -> str:
+    """Plain reading of a paired CI: better, worse, or no detectable difference.
+
+    With ``n`` (the number of seeds) given, an interval :func:`interval_missing` refuses yields no
+    reading either: "no detectable difference" from two seeds would sound like evidence of absence.
+    """
+    if n is not None and interval_missing(n, diff_half):
+        return "too few seeds to tell" if n < MIN_SEEDS_FOR_INTERVAL else "interval too wide to tell"
     if math.isnan(diff_half):
         return "one seed: no interval"
     if diff_mean - diff_half > 0:
@@ -138,7 +177,9 @@ def write_study_report(spec: StudySpec) -> Path:
         "",
         "Accuracies in %, mean ± 95 % CI half-width over seeds (Student t). Test figures: clean and "
         f"PGD-{spec.eval_pgd_steps} on every test image, AutoAttack on a class-stratified sample of "
-        f"{spec.aa_images}. The S2AP gamma of each (seed, sparsity) was chosen by the validation "
+        f"{spec.aa_images}. With fewer than {MIN_SEEDS_FOR_INTERVAL} seeds, or where an interval would be "
+        "wider than the 0-100 accuracy scale, the mean stands alone with `± n/a` and the reason. The "
+        "S2AP gamma of each (seed, sparsity) was chosen by the validation "
         f"PGD-{spec.select_pgd_steps} accuracy of the searched mask, before finetuning.",
         "",
     ]
@@ -160,8 +201,7 @@ def write_study_report(spec: StudySpec) -> Path:
         groups.setdefault((r["method"], r["sparsity"]), []).append(r)
     for (method, sp), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         cells = [
-            _pct(*mean_ci([g[m] for g in group if g.get(m) is not None]))
-            for m in ("clean_acc", "pgd_acc", "aa_acc")
+            _pct([g[m] for g in group if g.get(m) is not None]) for m in ("clean_acc", "pgd_acc", "aa_acc")
         ]
         bad = sum(1 for g in group if not g.get("checks_passed"))
         status = "ok" if not bad else f"{bad} failed !"
@@ -189,12 +229,12 @@ def write_study_report(spec: StudySpec) -> Path:
                 m, h = mean_ci(diffs)
                 wins = sum(d > 0 for d in diffs)
                 per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
-                reading = verdict(m, h)
+                reading = verdict(m, h, len(diffs))
                 if flagged:
                     reading += f" ! ({flagged} of these evaluations failed a masking check)"
                 lines.append(
                     f"| {base} | {sp:g} | {metric.replace('_acc', '')} | {per_seed} | "
-                    f"{100 * m:+.1f} ± {100 * h:.1f} | {wins}/{len(diffs)} | {reading} |"
+                    f"{interval_text(diffs, signed=True)} | {wins}/{len(diffs)} | {reading} |"
                 )
     lines += [
         "",
@@ -270,7 +310,7 @@ def _plots(
                     m, h = mean_ci(vals)
                     xs.append(i * 0.15 + spec.sparsities.index(sp))
                     ms.append(100 * m)
-                    hs.append(0 if math.isnan(h) else 100 * h)
+                    hs.append(0 if interval_missing(len(vals), h) else 100 * h)  # no bar: as study.md
             ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=4, label=method)
         dense = [r[metric] for r in finals if r["method"] == "dense" and r.get(metric) is not None]
         if dense:

@@ -9,7 +9,9 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from s2ap_lightning.checkpoint import load_file
+from s2ap_lightning.checkpoint import CheckpointError, load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import (
@@ -283,12 +285,53 @@ def run_cli(argv: list[str] | None = None, run: bool = True) -> S2APCLI:
         trainer_defaults={"plugins": [{"class_path": "s2ap_lightning.checkpoint.AtomicCheckpointIO"}]},
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "s2ap: " + ", ".join(TOOLS) + " are further commands"},
+        # Parse errors raise (main prints them in one line) instead of a usage text of 100 lines.
+        parser_kwargs={
+            "description": "s2ap: " + ", ".join(TOOLS) + " are further commands",
+            "exit_on_error": False,
+        },
     )
 
 
-#: The project's own validation errors: one readable line, no traceback (S2AP_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError)
+#: The project's own validation errors, checkpoints that cannot be read, outputs that cannot be
+#: written: one readable line, no traceback (S2AP_DEBUG=1 shows it).
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    CheckpointError,
+)
+
+#: Lines of a jsonargparse error that only say where it looked, not what is wrong.
+_PARSE_NOISE = re.compile(
+    r"^(- )?(Parser key|Does not validate|Subtypes:|Errors:|Problem with given class_path|Given value|"
+    r"Expected a <class 'NoneType'>)"
+)
+
+
+def parse_error_line(message: str) -> str:
+    """The nested error of jsonargparse as one line: the option's dotted name and what is wrong with it."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    reasons = [line.strip() for line in message.splitlines() if line.strip()]
+    reasons = [line for line in reasons if not _PARSE_NOISE.match(line)]
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reasons[0] if reasons else message.splitlines()[0])
+    where = ".".join(dict.fromkeys(k for key in keys for k in key.split(".")))
+    return f"--{where}: {reason}" if where else reason
+
+
+def _state_dict_mismatch(err: RuntimeError) -> str | None:
+    """Lightning's "Error(s) in loading state_dict" (another architecture or class count) in one line."""
+    text = str(err)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    return (
+        "the checkpoint does not fit the model built from this command (another architecture, input "
+        f"size or number of classes?): {details[0] if details else text.splitlines()[0]}"
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -323,6 +366,22 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"s2ap: error: {one_line(err)}  (S2AP_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except argparse.ArgumentError as err:
+        if debug:
+            raise
+        command = " ".join(["s2ap", *args[:1]]) if args and not args[0].startswith("-") else "s2ap"
+        print(
+            f"s2ap: error: {parse_error_line(str(err))}  ({command} --help lists the options; "
+            "S2AP_DEBUG=1 shows the details)",
+            file=sys.stderr,
+        )
+        return 2
+    except RuntimeError as err:
+        line = _state_dict_mismatch(err)
+        if debug or line is None:
+            raise
+        print(f"s2ap: error: {line}  (S2AP_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

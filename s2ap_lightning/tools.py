@@ -44,7 +44,7 @@ def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
         n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))  # --opt, -h
         if n:
             argv = [f"--{variadic}", json.dumps(argv[:n]), *argv[n:]]
-    parser = ArgumentParser(prog=f"s2ap {name}", description=doc.split("\n\n")[0])
+    parser = ArgumentParser(prog=f"s2ap {name}", description=doc.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the options below")
     parser.add_function_arguments(fn, as_group=False, as_positional=not variadic)
     cfg = parser.parse_args(argv)

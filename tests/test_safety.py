@@ -237,3 +237,52 @@ def test_user_errors_are_one_line(guarded_dir, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("s2ap: error: sparsity=1.5 is out of range: valid range is (0.0, 1.0)")
     assert not any("Traceback" in line for line in err)
+
+
+ONE_LINE = [
+    # (extra arguments of a mask search, the message its one line must contain)
+    (["--model.gamma", "nan"], "s2ap: error: --model.gamma: Expected a float. Got value: nan"),
+    (["--model.eps", "8/255"], "s2ap: error: --model.eps: Expected a float. Got value: 8/255"),
+    (["--model.gama", "0.1"], "s2ap: error: --model: Option 'gama' is not accepted"),
+    (["--model.init_from", "{tmp}"], "is a directory, not a file"),
+    (["--model.init_from", "{arch}"], "does not fit"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), ONE_LINE, ids=lambda v: v if isinstance(v, str) else v[0])
+def test_parse_and_checkpoint_errors_are_one_line(guarded_dir, tmp_path, monkeypatch, capsys, extra, message):
+    """jsonargparse's usage wall and checkpoint tracebacks become one line and a pointer to --help."""
+    monkeypatch.delenv("S2AP_DEBUG")
+    extra = [e.format(tmp=tmp_path, arch=wrong_arch_file(tmp_path)) for e in extra]
+    assert prune_cli(guarded_dir, *extra) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("s2ap")]
+    assert len(err) == 1 and message in err[0], err
+    assert "usage:" not in capsys.readouterr().err
+    assert (guarded_dir / "last.ckpt").read_bytes() == b"previous checkpoint"
+
+
+def test_a_checkpoint_of_another_class_count_is_one_line(tmp_path, monkeypatch, capsys):
+    """A 4-class checkpoint tested on 10-class data: Lightning's 41-line error becomes one line."""
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    stage = ["--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", fast]
+    assert main(["fit", *stage, "--trainer.max_epochs", "1", "--checkpoint.dirpath", str(tmp_path)]) == 0
+    monkeypatch.delenv("S2AP_DEBUG")
+    capsys.readouterr()
+    ten = ["--data.synthetic_classes", "10", "--ckpt_path", str(tmp_path / "best.ckpt")]
+    assert main(["test", *stage, *ten, "--checkpoint.dirpath", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("s2ap: error: the checkpoint does not fit the model built from this command")
+    assert "size mismatch" in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_tools_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("S2AP_DEBUG")
+    assert main(["hamming", str(tmp_path / "missing.ckpt"), str(tmp_path / "other.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.ckpt" in err[0] and "does not exist" in err[0], err
+    assert main(["export"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "s2ap: error: the following arguments are required: checkpoint  (s2ap export --help lists the "
+        "options; S2AP_DEBUG=1 shows the details)"
+    ]

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     """``s2ap demo``: every field of :class:`DemoConfig` is a flag (``--help``) and a ``--config`` key."""
     from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
 
-    parser = ArgumentParser(prog="s2ap demo", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="s2ap demo", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
     parser.add_class_arguments(DemoConfig, as_group=False)
     cfg = parser.parse_args(argv)

@@ -629,7 +629,7 @@ def run_study(spec: StudySpec) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
 
-    parser = ArgumentParser(prog="s2ap study", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="s2ap study", description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a study spec (configs/study/*.yaml)")
     parser.add_class_arguments(StudySpec, as_group=False)
     cfg = parser.parse_args(argv)

@@ -171,3 +171,12 @@ def test_bad_spec_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"attack_precision='bf16' is unknown; valid: fp32, training"):
         tiny_spec(tmp_path, attack_precision="bf16")
     assert not any(tmp_path.iterdir())
+
+
+def test_data_config_model_block_with_or_without_init_args(tmp_path):
+    """`model: {eps: ...}` and `model: {init_args: {eps: ...}}` both set the study's threat model."""
+    for block in ("model: {eps: 0.2, step_size: 0.05}", "model: {init_args: {eps: 0.2, step_size: 0.05}}"):
+        path = tmp_path / "data.yaml"
+        path.write_text(f"data: {{dataset: synthetic}}\n{block}\n")
+        data, model = StudySpec(name="x", data_config=str(path)).data_settings()
+        assert data == {"dataset": "synthetic"} and model == {"eps": 0.2, "step_size": 0.05}, block

@@ -170,7 +170,9 @@ class StudySpec:
         config = yaml.safe_load(Path(self.data_config).read_text()) or {}
         data = dict(config.get("data") or {})
         data = dict(data.get("init_args", data))
-        model = dict((config.get("model") or {}).get("init_args") or {})
+        model = dict(config.get("model") or {})
+        model = dict(model.get("init_args", model))  # the data configs' form, or a flat block
+        model.pop("class_path", None)
         return data, model
 
 

@@ -286,3 +286,51 @@ def test_tools_errors_are_one_line(tmp_path, monkeypatch, capsys):
         "s2ap: error: the following arguments are required: checkpoint  (s2ap export --help lists the "
         "options; S2AP_DEBUG=1 shows the details)"
     ]
+
+
+@pytest.fixture(scope="module")
+def pretrained_8px(tmp_path_factory):
+    """A pretraining checkpoint on synthetic 8x8 images."""
+    folder = tmp_path_factory.mktemp("pre8")
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    args = ["fit", "--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", fast,
+            "--trainer.max_epochs", "1", "--checkpoint.dirpath", str(folder)]  # fmt: skip
+    assert main(args) == 0
+    return folder / "best.ckpt"
+
+
+def test_finetuning_a_checkpoint_without_a_mask_is_refused(pretrained_8px, tmp_path):
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    args = ["fit", "--config", str(CONFIGS / "stages" / "finetune.yaml"), "--config", fast,
+            "--model.init_from", str(pretrained_8px), "--checkpoint.dirpath", str(tmp_path / "ft")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"is a RobustPretrainer checkpoint without a mask .*dense model"):
+        main(args)
+    assert not (tmp_path / "ft").exists(), "refused before anything is written"
+
+
+def test_a_source_trained_on_other_data_is_refused(pretrained_8px, tmp_path):
+    args = ["--model.init_from", str(pretrained_8px), "--data.synthetic_image_size", "12"]
+    with pytest.raises(
+        ValueError, match=r"was trained with image_size=8, but this run's data gives image_size=12"
+    ):
+        prune_cli(tmp_path / "s", *args)
+
+
+def test_search_without_or_from_pruned_weights_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"no --model.init_from: the mask search prunes randomly"):
+        assert prune_cli(tmp_path / "a", "--trainer.max_epochs", "2") == 0
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    finetune = ["fit", "--config", str(CONFIGS / "stages" / "finetune.yaml"), "--config", fast,
+                "--trainer.max_epochs", "1", "--model.init_from", str(tmp_path / "a" / "best.ckpt"),
+                "--checkpoint.dirpath", str(tmp_path / "ft")]  # fmt: skip
+    assert main(finetune) == 0
+    with pytest.warns(UserWarning, match=r"holds an already pruned network \(90.0 % exact zeros, finetuned"):
+        assert prune_cli(tmp_path / "b", "--model.init_from", str(tmp_path / "ft" / "best.ckpt"),
+                         "--trainer.max_epochs", "2") == 0  # fmt: skip
+
+
+def test_crop_size_zero_is_refused():
+    from s2ap_lightning.data import RobustDataModule
+
+    with pytest.raises(ValueError, match=r"crop_size=0 must be >= 1 \(leave it unset"):
+        RobustDataModule("synthetic", crop_size=0)

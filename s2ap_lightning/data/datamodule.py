@@ -88,6 +88,8 @@ class RobustDataModule(L.LightningDataModule):
             raise ValueError(f"augmentation={augmentation!r} is unknown; valid: {', '.join(AUGMENTATIONS)}")
         if channels is not None and channels not in (1, 3):
             raise ValueError(f"channels={channels} is not supported; valid: 1 (greyscale), 3 (colour)")
+        if crop_size is not None and crop_size < 1:
+            raise ValueError(f"crop_size={crop_size} must be >= 1 (leave it unset for the images' own side)")
         if test_subset < 0:
             raise ValueError(f"test_subset={test_subset} must be >= 0 (0 means the full test set)")
         self.save_hyperparameters()

@@ -215,7 +215,28 @@ class RobustTask(L.LightningModule):
         if stage == "fit":
             self.check_trainer(trainer)
         if self.hparams.init_from and not self._restored:
-            check_loadable(self.model, self.hparams.init_from)
+            checkpoint, weights = check_loadable(self.model, self.hparams.init_from)
+            self.check_handoff(checkpoint, weights)
+
+    #: What the data decides about a model: a source trained on other data does not fit this run.
+    DATA_KEYS = ("image_size", "in_channels", "num_classes")
+
+    def check_handoff(self, checkpoint: Any, weights: Mapping[str, Tensor]) -> None:
+        """Fail on a previous stage trained on other data (the weights may fit while the inputs do not).
+
+        An 8x8-digits checkpoint loads into a 28x28 model whose layers have the same shapes; the
+        checkpoint's hyper-parameters say what it was trained on. Stages add their own checks.
+        """
+        saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(saved, dict):
+            return  # a plain state dict (ours or a reference's) says nothing about its data
+        for key in self.DATA_KEYS:
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"init_from={self.hparams.init_from!r} was trained with {key}={saved[key]}, but this "
+                    f"run's data gives {key}={self.hparams[key]}: pass a checkpoint trained on this data "
+                    "(or the data it was trained on)"
+                )
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
@@ -241,6 +262,8 @@ class RobustTask(L.LightningModule):
         """Hook for stages that take more than the weights from the previous stage."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Which stage wrote it: the next stage's hand-off check names it.
+        checkpoint["s2ap_stage"] = type(self).__name__
         # RNG states, so that a resumed run draws the same attack starts as an uninterrupted one.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -19,6 +19,7 @@ from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics
 from s2ap_lightning.pruning.fixed_masks import MaskSet
 from s2ap_lightning.pruning.perturbation import layerwise_perturbation
+from s2ap_lightning.pruning.scores import prunable_weight_names
 from s2ap_lightning.stages.pretrain import RobustPretrainer
 
 
@@ -104,7 +105,26 @@ class MaskedFinetuner(RobustPretrainer):
         super().preflight(trainer, stage)
         if self.hparams.init_from and not self._restored:
             # A reference's pruned checkpoint without `reference_k` fails here, before any write.
-            self.init_masks(load_file(self.hparams.init_from))
+            checkpoint = load_file(self.hparams.init_from)
+            masks, _ = self.init_masks(checkpoint)
+            if masks is None:
+                self._refuse_dense_source(checkpoint)
+
+    def _refuse_dense_source(self, checkpoint: Any) -> None:
+        """Finetuning keeps the non-zero weights of a plain source; a dense one has no mask at all."""
+        state = read_init_source(checkpoint, self.model).weights
+        names = prunable_weight_names(self.model)
+        zeros = sum(int((state[n] == 0).sum()) for n in names if n in state)
+        total = sum(state[n].numel() for n in names if n in state)
+        if total and zeros / total < 0.01:
+            stage = checkpoint.get("s2ap_stage") if isinstance(checkpoint, dict) else None
+            what = f"a {stage} checkpoint" if stage else "a checkpoint"
+            raise ValueError(
+                f"init_from={self.hparams.init_from!r} is {what} without a mask ({100 * zeros / total:.2f} % "
+                "of its prunable weights are zero): finetuning it would give a dense model. Pass the "
+                "mask search's checkpoint (s2ap fit --config configs/stages/s2ap.yaml ... best.ckpt) or "
+                "a pruned state dict (s2ap export)"
+            )
 
     def init_masks(self, checkpoint: Any) -> tuple[dict[str, Tensor] | None, str]:
         """The masks ``init_from`` defines (None: its non-zero weights) and how they were found."""

@@ -29,6 +29,7 @@ from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
+from s2ap_lightning.pruning.scores import prunable_weight_names
 from s2ap_lightning.stages.base import RobustTask
 
 
@@ -147,6 +148,27 @@ class ScoreSpaceSAMPruner(RobustTask):
             raise ValueError(
                 f"warmup_epochs={self.hparams.warmup_epochs} is out of range: it must be smaller "
                 f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
+            )
+
+    def preflight(self, trainer: L.Trainer, stage: str) -> None:
+        super().preflight(trainer, stage)
+        if stage == "fit" and not self.hparams.init_from and not self._restored:
+            rank_zero_warn(
+                "no --model.init_from: the mask search prunes randomly initialised weights. Pass the "
+                "robust pretraining's checkpoint (e.g. --model.init_from runs/pretrain/best.ckpt)"
+            )
+
+    def check_handoff(self, checkpoint: Any, weights: Mapping[str, Tensor]) -> None:
+        super().check_handoff(checkpoint, weights)
+        names = [n for n in prunable_weight_names(self.model) if n in weights]
+        zeros = sum(int((weights[n] == 0).sum()) for n in names)
+        total = sum(weights[n].numel() for n in names)
+        stage = checkpoint.get("s2ap_stage") if isinstance(checkpoint, dict) else None
+        if stage == "MaskedFinetuner" or (total and zeros / total > 0.5):
+            rank_zero_warn(
+                f"init_from={self.hparams.init_from!r} holds an already pruned network "
+                f"({100 * zeros / max(total, 1):.1f} % exact zeros{', finetuned' if stage else ''}): the "
+                "search starts its scores from pruned weights; the usual source is the dense pretraining"
             )
 
     def configure_callbacks(self) -> list[L.Callback]:

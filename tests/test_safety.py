@@ -334,3 +334,24 @@ def test_crop_size_zero_is_refused():
 
     with pytest.raises(ValueError, match=r"crop_size=0 must be >= 1 \(leave it unset"):
         RobustDataModule("synthetic", crop_size=0)
+
+
+def test_more_user_mistakes_are_one_line(pretrained_8px, tmp_path, monkeypatch, capsys):
+    """Exporting a dense checkpoint, picking a missing run, a file given as the checkpoint folder."""
+    monkeypatch.delenv("S2AP_DEBUG")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    cases = [
+        (["export", str(pretrained_8px), "--out", str(tmp_path / "x.pt")], "checkpoint stores no masks"),
+        (["pick", str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist"),
+        (["fit", "--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", fast,
+          "--checkpoint.dirpath", str(a_file)], "Not a directory"),
+    ]  # fmt: skip
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err[-1].startswith("s2ap: error:") and message in err[-1], err
+        assert not any("Traceback" in line for line in err)
+    assert a_file.read_text() == "not a folder"

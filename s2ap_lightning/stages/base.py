@@ -492,6 +492,9 @@ class RobustTask(L.LightningModule):
         if self.trainer.is_global_zero:
             write_record(path, self.evaluation_record(record))
             self.print(f"evaluation written to {path}")
+        # Every rank waits for the record: no rank leaves (and tears its process group down) while
+        # rank 0 still writes, which once aborted a spawned rank ("terminate called ...").
+        self.trainer.strategy.barrier("s2ap evaluation record")
 
     def record_path(self) -> Path:
         """``<checkpoint>.eval.json`` beside an evaluated checkpoint, else ``eval.json`` in the log dir.

@@ -30,7 +30,7 @@ from s2ap_lightning.stages.callbacks import (
     LAST,
     BestCheckpoint,
     StepCheckpoint,
-    next_hpc_checkpoint,
+    latest_hpc_checkpoint,
     slurm_job_id,
 )
 
@@ -218,11 +218,10 @@ class S2APCLI(LightningCLI):
         """
         if not SLURMEnvironment.detect():
             return False
-        hpc = next_hpc_checkpoint(self.trainer.default_root_dir)
-        number = int(hpc.stem.rsplit("_", 1)[1]) - 1
-        if number < 1:
+        hpc = latest_hpc_checkpoint(self.trainer.default_root_dir)
+        if hpc is None:
             return False
-        saved = load_file(hpc.with_name(f"hpc_ckpt_{number}.ckpt"))
+        saved = load_file(hpc)
         recorded = saved.get("slurm_job_id") if isinstance(saved, dict) else None
         if recorded is not None:
             return recorded == slurm_job_id()

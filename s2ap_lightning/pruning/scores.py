@@ -41,6 +41,13 @@ def prunable_weight_names(model: nn.Module) -> list[str]:
     return names
 
 
+def exact_zero_fraction(model: nn.Module, weights: Mapping[str, Tensor]) -> float:
+    """Share of ``model``'s prunable weights exactly zero in ``weights`` (the mark of a pruned network)."""
+    names = [n for n in prunable_weight_names(model) if n in weights]
+    total = sum(weights[n].numel() for n in names)
+    return sum(int((weights[n] == 0).sum()) for n in names) / total if total else 0.0
+
+
 def prunable_state_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The prunable weights of a plain state dict (no model at hand): ``Conv2d`` and ``Linear`` weights.
 

@@ -532,6 +532,11 @@ class RobustTask(L.LightningModule):
         }
 
 
+def saved_stage(checkpoint: Any) -> str | None:
+    """The stage that wrote a checkpoint (recorded by :meth:`RobustTask.on_save_checkpoint`), if known."""
+    return checkpoint.get("s2ap_stage") if isinstance(checkpoint, dict) else None
+
+
 def unused_record_path(first: Path) -> Path:
     """``first`` if it does not exist yet, else ``<stem>.2.json``, ``<stem>.3.json``, ... (the first free)."""
     path, n = first, 1

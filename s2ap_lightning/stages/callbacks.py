@@ -111,11 +111,20 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def next_hpc_checkpoint(folder: str | Path) -> Path:
-    """``hpc_ckpt_<N+1>.ckpt``: the name Lightning's SLURM resume looks for (the highest N wins)."""
+def _hpc_numbers(folder: str | Path) -> list[int]:
     names = (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name) for p in Path(folder).glob("hpc_ckpt_*.ckpt"))
-    numbers = [int(m.group(1)) for m in names if m]
-    return Path(folder) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    return [int(m.group(1)) for m in names if m]
+
+
+def latest_hpc_checkpoint(folder: str | Path) -> Path | None:
+    """The ``hpc_ckpt_<N>.ckpt`` with the highest N: the one Lightning's SLURM resume picks."""
+    numbers = _hpc_numbers(folder)
+    return Path(folder) / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
+
+
+def next_hpc_checkpoint(folder: str | Path) -> Path:
+    """``hpc_ckpt_<N+1>.ckpt``: the name the next requeue saves to (the highest N wins a resume)."""
+    return Path(folder) / f"hpc_ckpt_{max(_hpc_numbers(folder), default=0) + 1}.ckpt"
 
 
 class SlurmRequeue(Checkpoint):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
 from s2ap_lightning.checkpoint import (
-    load_file,
     read_init_source,
     reference_masks,
     report_init_from,
@@ -19,7 +18,8 @@ from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics
 from s2ap_lightning.pruning.fixed_masks import MaskSet
 from s2ap_lightning.pruning.perturbation import layerwise_perturbation
-from s2ap_lightning.pruning.scores import prunable_weight_names
+from s2ap_lightning.pruning.scores import exact_zero_fraction
+from s2ap_lightning.stages.base import saved_stage
 from s2ap_lightning.stages.pretrain import RobustPretrainer
 
 
@@ -101,29 +101,22 @@ class MaskedFinetuner(RobustPretrainer):
         super().configure_models()
         self.masks = MaskSet(self.model)
 
-    def preflight(self, trainer: L.Trainer, stage: str) -> None:
-        super().preflight(trainer, stage)
-        if self.hparams.init_from and not self._restored:
-            # A reference's pruned checkpoint without `reference_k` fails here, before any write.
-            checkpoint = load_file(self.hparams.init_from)
-            masks, _ = self.init_masks(checkpoint)
-            if masks is None:
-                self._refuse_dense_source(checkpoint)
+    def check_handoff(self, checkpoint: Any, weights: Mapping[str, Tensor]) -> None:
+        """Finetuning needs a mask: stored, a reference's scores, or a pruned network's zeros.
 
-    def _refuse_dense_source(self, checkpoint: Any) -> None:
-        """Finetuning keeps the non-zero weights of a plain source; a dense one has no mask at all."""
-        state = read_init_source(checkpoint, self.model).weights
-        names = prunable_weight_names(self.model)
-        zeros = sum(int((state[n] == 0).sum()) for n in names if n in state)
-        total = sum(state[n].numel() for n in names if n in state)
-        if total and zeros / total < 0.01:
-            stage = checkpoint.get("s2ap_stage") if isinstance(checkpoint, dict) else None
+        A reference's pruned checkpoint without ``reference_k`` fails here too, before any write.
+        """
+        super().check_handoff(checkpoint, weights)
+        masks, _ = self.init_masks(checkpoint)
+        zeros = exact_zero_fraction(self.model, weights)
+        if masks is None and zeros < 0.01:
+            stage = saved_stage(checkpoint)
             what = f"a {stage} checkpoint" if stage else "a checkpoint"
             raise ValueError(
-                f"init_from={self.hparams.init_from!r} is {what} without a mask ({100 * zeros / total:.2f} % "
-                "of its prunable weights are zero): finetuning it would give a dense model. Pass the "
-                "mask search's checkpoint (s2ap fit --config configs/stages/s2ap.yaml ... best.ckpt) or "
-                "a pruned state dict (s2ap export)"
+                f"init_from={self.hparams.init_from!r} is {what} without a mask ({100 * zeros:.2f} % of "
+                "its prunable weights are zero): finetuning it would give a dense model. Pass the mask "
+                "search's checkpoint (s2ap fit --config configs/stages/s2ap.yaml ... best.ckpt) or a "
+                "pruned state dict (s2ap export)"
             )
 
     def init_masks(self, checkpoint: Any) -> tuple[dict[str, Tensor] | None, str]:

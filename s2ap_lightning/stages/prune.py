@@ -29,8 +29,8 @@ from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
-from s2ap_lightning.pruning.scores import prunable_weight_names
-from s2ap_lightning.stages.base import RobustTask
+from s2ap_lightning.pruning.scores import exact_zero_fraction
+from s2ap_lightning.stages.base import RobustTask, saved_stage
 
 
 class ScoreSpaceSAMPruner(RobustTask):
@@ -160,15 +160,13 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     def check_handoff(self, checkpoint: Any, weights: Mapping[str, Tensor]) -> None:
         super().check_handoff(checkpoint, weights)
-        names = [n for n in prunable_weight_names(self.model) if n in weights]
-        zeros = sum(int((weights[n] == 0).sum()) for n in names)
-        total = sum(weights[n].numel() for n in names)
-        stage = checkpoint.get("s2ap_stage") if isinstance(checkpoint, dict) else None
-        if stage == "MaskedFinetuner" or (total and zeros / total > 0.5):
+        zeros = exact_zero_fraction(self.model, weights)
+        finetuned = saved_stage(checkpoint) == "MaskedFinetuner"
+        if finetuned or zeros > 0.5:
             rank_zero_warn(
                 f"init_from={self.hparams.init_from!r} holds an already pruned network "
-                f"({100 * zeros / max(total, 1):.1f} % exact zeros{', finetuned' if stage else ''}): the "
-                "search starts its scores from pruned weights; the usual source is the dense pretraining"
+                f"({100 * zeros:.1f} % exact zeros{', finetuned' if finetuned else ''}): the search starts "
+                "its scores from pruned weights; the usual source is the dense pretraining"
             )
 
     def configure_callbacks(self) -> list[L.Callback]:

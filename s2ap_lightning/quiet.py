@@ -34,7 +34,6 @@ NOISE = (
         "the stages step once per batch, and a step checkpoint counts that batch as processed: the "
         "state after the step is the one an exact resume needs",
     ),
-    (r".*does not have many workers.*", "in-memory datasets need no workers; set data.num_workers for files"),
 )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from s2ap_lightning.data.datasets import (
     AUGMENTATIONS,
@@ -177,6 +178,10 @@ class RobustDataModule(L.LightningDataModule):
 
     def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
+        if workers == 0 and _in_memory(data):
+            # Lightning advises loader workers for every loader; tensors already in memory gain nothing
+            # from them. Files (image folders, CIFAR) keep the advice: there it is worth acting on.
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         sampler = None
         if shuffle:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -208,3 +213,10 @@ class RobustDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         # (x, y, index): the evaluation protocol tracks every image by its index in the test split.
         return self._loader(IndexedDataset(self.test_set), shuffle=False)
+
+
+def _in_memory(data: Dataset) -> bool:
+    """Whether ``data`` is tensors in memory (digits, mnist_5k, synthetic), through subset wrappers."""
+    while isinstance(data, (Subset, IndexedDataset)):
+        data = data.dataset if isinstance(data, Subset) else data.data
+    return isinstance(data, TensorDataset)

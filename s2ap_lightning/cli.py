@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from s2ap_lightning.checkpoint import CheckpointError, load_file
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.stages import RobustTask
+from s2ap_lightning.stages.hparams import plain_value, upgrade_checkpoint_hparams
 from s2ap_lightning.stages.callbacks import (
     BEST,
     LAST,
@@ -59,32 +60,18 @@ class S2APCLI(LightningCLI):
             help="let `fit` write into a checkpoint folder that holds another run's checkpoints",
         )
 
-    #: Evaluation settings: at `test`/`validate` time they come from the command, not the checkpoint.
-    EVAL_KEYS = (
-        "eps",
-        "step_size",
-        "norm",
-        "eval_pgd_steps",
-        "eval_pgd_restarts",
-        "aa_images",
-        "aa_batch_size",
-        "aa_version",
-    )
-
-    #: Of the evaluation settings, those that define the threat model (see ``_parse_ckpt_path``).
-    THREAT_KEYS = ("eps", "step_size", "norm")
-
     def __init__(self, *args: Any, args_list: list[str] | None = None, **kwargs: Any) -> None:
         self._raw_args = list(sys.argv[1:] if args_list is None else args_list)
         super().__init__(*args, args=args_list, **kwargs)
 
     def _given(self, key: str) -> bool:
-        """Whether the command itself sets ``model.<key>``: as an option or in a ``--config`` file."""
+        """Whether the command itself sets ``model.<key>`` (or a field of that block): as an option or
+        in a ``--config`` file."""
         options = (f"--model.{key}", f"--model.init_args.{key}")
         raw = self._raw_args
-        if any(a in options or a.startswith(tuple(o + "=" for o in options)) for a in raw):
+        if any(a.split("=", 1)[0] in options or a.startswith(tuple(o + "." for o in options)) for a in raw):
             return True
-        files = [b for a, b in zip(raw, raw[1:], strict=False) if a == "--config"]
+        files = [b for a, b in zip(raw, raw[1:], strict=False) if a in ("--config", "-c")]
         files += [a.split("=", 1)[1] for a in raw if a.startswith("--config=")]
         for name in files:
             try:
@@ -106,40 +93,60 @@ class S2APCLI(LightningCLI):
         if dirpath and not self.config.get(f"{sub}.trainer.default_root_dir"):
             self.config[f"{sub}.trainer.default_root_dir"] = dirpath
 
+    #: ``--ckpt_path`` values that name no file (Lightning resolves them itself).
+    SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI replaces the model's arguments with the checkpoint's hyper-parameters when
-        # `--ckpt_path` is given, which would silently drop `--model.aa_images 10000` and the like.
-        subcommand = self.config.get("subcommand")
-        path = self.config.get(f"{subcommand}.ckpt_path") if subcommand else None
+        """Merge a checkpoint's hyper-parameters into the command's config, as LightningCLI does, but
+        without losing what the command says.
+
+        The one private LightningCLI member this project overrides: a documented seam, pinned to the
+        Lightning range in pyproject.toml and tested (tests/test_cli.py: the seam still exists and is
+        still called). LightningCLI replaces the model's arguments by the checkpoint's when
+        ``--ckpt_path`` names a file; here, in addition:
+
+        - the file is read once, with weights_only=True, and a missing, truncated or code-needing
+          file fails in one line naming it;
+        - a checkpoint written before the typed blocks has its flat options mapped into them
+          (:func:`~s2ap_lightning.stages.hparams.upgrade_checkpoint_hparams`);
+        - ``fit`` refuses to resume under changed run-defining settings (:meth:`_refuse_changed_run`);
+        - ``test``/``validate`` keep the command's ``evaluation`` block, and its ``threat`` only when
+          the command names one: the class defaults (8/255) must not replace the threat model a
+          model was trained and selected at.
+        """
+        sub = self.config.get("subcommand")
+        path = self.config.get(f"{sub}.ckpt_path") if sub else None
         saved = None
-        if path and path not in ("last", "best", "hpc", "registry"):
-            # Lightning reads this file here, before anything else: fail in seconds, naming the file,
-            # on a missing, truncated or code-needing checkpoint instead of a bare torch error.
+        if path and path not in self.SPECIAL_CKPT:
             saved = load_file(path)
-        elif subcommand == "fit" and path == "last":
+        elif sub == "fit" and path == "last":
             dirpath = self.config.get("fit.checkpoint.dirpath")
             last = Path(dirpath) / "last.ckpt" if dirpath else None
             saved = load_file(last) if last is not None and last.is_file() else None
-        if subcommand == "fit" and isinstance(saved, dict) and not self.config.get("fit.overwrite"):
+        if sub == "fit" and isinstance(saved, dict) and not self.config.get("fit.overwrite"):
             # A named file's settings replace the command's (below); `last` runs with the command's.
             self._refuse_changed_run(saved, merged=path != "last")
+        if path in self.SPECIAL_CKPT or not isinstance(saved, dict):
+            return
+        hparams = upgrade_checkpoint_hparams(saved.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        command = self.config.get(f"{sub}.model.init_args")
         keep = {}
-        if subcommand in ("test", "validate"):
-            for key in self.EVAL_KEYS:
-                value = self.config.get(f"{subcommand}.model.init_args.{key}")
-                # The threat model is the checkpoint's unless the command names another one: the
-                # class defaults (8/255) must not replace the eps a model was trained and selected at.
-                if value is not None and (key not in self.THREAT_KEYS or self._given(key)):
-                    keep[key] = value
-        super()._parse_ckpt_path()
+        if sub in ("test", "validate") and command is not None:
+            keep["evaluation"] = command.get("evaluation")
+            if self._given("threat"):
+                keep["threat"] = command.get("threat")
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         for key, value in keep.items():
-            self.config[f"{subcommand}.model.init_args.{key}"] = value
+            if value is not None:
+                self.config[f"{sub}.model.init_args.{key}"] = value
 
     #: Settings that define a run: resuming it under other values would silently make it another run.
-    RUN_KEYS = (
-        "model", "sparsity", "gamma", "base_method", "scope", "min_layer_keep", "robust_loss", "beta",
-        "eps", "step_size", "norm", "attack_steps",
-    )  # fmt: skip
+    RUN_KEYS = ("model", "sparsity", "gamma", "method", "robust_loss", "beta", "threat")
 
     def _refuse_changed_run(self, saved: dict[str, Any], merged: bool) -> None:
         """Resuming with settings that define the run changed is refused, naming old and new values.
@@ -149,9 +156,9 @@ class S2APCLI(LightningCLI):
         silently); with ``last`` the command's settings are the ones that run, so all are compared.
         The seed fixes the data order and the attacks' random starts, at any point of an epoch.
         """
-        old_hp = saved.get("hyper_parameters") or {}
+        old_hp = upgrade_checkpoint_hparams(saved.get("hyper_parameters") or {})
         init_args = self.config.get("fit.model.init_args")
-        new_hp = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        new_hp = plain_value(init_args) or {}
         changed = [
             f"{key}: {old_hp[key]!r} -> {new_hp[key]!r}"
             for key in self.RUN_KEYS
@@ -188,9 +195,14 @@ class S2APCLI(LightningCLI):
                     f"s2ap {sub} without --ckpt_path (or --model.init_from) would evaluate an untrained "
                     "network: pass the checkpoint to evaluate, e.g. --ckpt_path runs/finetune/best.ckpt"
                 )
-        self.model.preflight(self.trainer, self.subcommand)
+        self.model.preflight(self.trainer, sub, from_checkpoint=bool(self.config.get(f"{sub}.ckpt_path")))
         if self.subcommand == "fit":
             self._refuse_overwrite()
+        # `--ckpt_path` restores with weights_only=True unless the command says otherwise: a
+        # checkpoint from someone else must not run code on load.
+        kwargs = self.config_init[sub]
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True
 
     def _refuse_overwrite(self) -> None:
         """A new `fit` never replaces another run's checkpoints (a better best.ckpt lost for good)."""
@@ -228,16 +240,6 @@ class S2APCLI(LightningCLI):
         return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
     before_fit = before_validate = before_test = _preflight
-
-    def _prepare_subcommand_parser(
-        self, klass: type, subcommand: str, **kwargs: Any
-    ) -> LightningArgumentParser:
-        # `--ckpt_path` restores with weights_only=True unless the user explicitly says otherwise: a
-        # checkpoint from someone else must not run code on load.
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "weights_only" in self._subcommand_method_arguments.get(subcommand, {}):
-            parser.set_defaults(weights_only=True)
-        return parser
 
 
 def _demo(argv: list[str]) -> int:

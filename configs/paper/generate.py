@@ -33,7 +33,7 @@ def data_block(dataset: str) -> str:
 def threat_args(dataset: str, arch: str) -> str:
     """Lines of model.init_args shared by every stage: architecture and threat model."""
     eps, step = THREAT[dataset]
-    return f"    model: {arch}\n    eps: {eps}\n    step_size: {step}\n    attack_steps: 10\n"
+    return f"    model: {arch}\n    threat:\n      eps: {eps}\n      step_size: {step}\n      steps: 10\n"
 
 
 def write(path: Path, text: str) -> None:
@@ -84,7 +84,7 @@ def main() -> None:
                             "model:",
                             "  class_path: s2ap_lightning.stages.ScoreSpaceSAMPruner",
                             "  init_args:",
-                            f"    base_method: {method}",
+                            f"    method: {method.capitalize()}",
                             f"    sparsity: {sparsity}",
                             f"    gamma: {0.01 if s2ap else 0.0}"
                             + (

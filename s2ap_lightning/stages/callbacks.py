@@ -1,4 +1,5 @@
-"""Checkpoint callbacks every stage uses: the best by validation robust accuracy, and the last.
+"""The stages' callbacks: checkpoints (the best by validation robust accuracy, and the last),
+exact resume, SLURM requeue, per-epoch summaries and sparsity logs.
 
 Two callbacks rather than ``save_last=True``: since Lightning 2.6, ``save_last`` only writes when the
 monitored checkpoint was written in the same step, so a run whose robust accuracy stopped improving
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from s2ap_lightning.pruning.scores import prunable_weight_names
 
 BEST = dict(
     filename="best",
@@ -236,3 +240,88 @@ class SlurmRequeue(Checkpoint):
                 raise SIGTERMException()
             time.sleep(0.2)
         raise RuntimeError(f"job {slurm_job_id()} was requeued but not stopped within {self.wait_s:g} s")
+
+
+class ResumeState(L.Callback):
+    """What an exact resume needs beyond Lightning's own state: RNG streams and the epoch position.
+
+    The RNG state goes into every checkpoint (``checkpoint["rng"]``, the key older checkpoints of this
+    project used too) and is applied when training resumes, after the sanity check, which draws
+    random attack starts of its own; so a resumed run draws the same attack starts as an
+    uninterrupted one. Lightning restarts an interrupted epoch's loader at its first batch: the
+    batches this rank already used are skipped through the DataModule's ``skip_train_batches``.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            torch.set_rng_state(self._pending["torch"])
+            if "cuda" in self._pending and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._pending["cuda"])
+            self._pending = None
+        # `processed`, not `completed`: step checkpoints are written before the batch counts as completed.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        data = getattr(trainer, "datamodule", None)
+        if 0 < done < trainer.num_training_batches and hasattr(data, "skip_train_batches"):
+            data.skip_train_batches(done)
+
+
+class BroadcastBuffers(L.Callback):
+    """Rank 0's BatchNorm statistics on every rank at the start of every training step.
+
+    DDP's own ``broadcast_buffers`` only acts when the wrapped module's forward runs, and the stages
+    call the plain model functionally (masks substituted), so without this each rank would keep the
+    statistics of its own shard: validation on rank 1 would judge a network other than the one saved,
+    and a resumed run (every rank loads rank 0's statistics) would differ from an uninterrupted one.
+    """
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.world_size > 1:
+            broadcast_buffers(pl_module.model)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers on every rank, one broadcast per dtype; every rank must call it."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        groups.setdefault(buffer.dtype, []).append(buffer)
+    for tensors in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        torch.distributed.broadcast(flat, src=src)
+        offset = 0
+        for t in tensors:
+            t.data.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class SparsityLog(L.Callback):
+    """Per-layer and global sparsity (exact zeros) of the network a stage evaluates, every epoch.
+
+    Reads the stage's ``evaluated_weights()`` (the mask search: ``w * M(s)``). The values are the same
+    on every rank; ``sync_dist`` (one small all-reduce per value, on every rank) keeps Lightning from
+    warning that epoch-level values are not reduced.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            substituted = pl_module.evaluated_weights()
+            params = dict(pl_module.model.named_parameters())
+            zeros = total = 0
+            for name in prunable_weight_names(pl_module.model):
+                w = substituted.get(name, params[name])
+                z = int((w == 0).sum())
+                zeros, total = zeros + z, total + w.numel()
+                pl_module.log(f"sparsity/{name}", z / w.numel(), sync_dist=True)
+            pl_module.log("sparsity/global", zeros / max(total, 1), sync_dist=True)

@@ -27,18 +27,20 @@ from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.checkpoint import report_init_from
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
-from s2ap_lightning.pruning.methods import BaseMethodHooks, build_method, check_method_options
+from s2ap_lightning.pruning.methods import BaseMethod, method_from_config, method_from_legacy
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
 from s2ap_lightning.pruning.scores import exact_zero_fraction
 from s2ap_lightning.stages.base import RobustTask, saved_stage
+from s2ap_lightning.stages.hparams import LEGACY_METHOD_KEYS, upgrade_checkpoint_hparams
 
 
 class ScoreSpaceSAMPruner(RobustTask):
-    """HYDRA mask search with S2AP; ``gamma = 0`` is plain HYDRA.
+    """Mask search of a score-based base method with S2AP; ``gamma = 0`` is the base method itself.
 
     Args:
-        sparsity: pruned fraction per layer, in (0, 1): 0.9 keeps 10 % of every layer's weights.
-        gamma: relative score-space radius; 0 disables S2AP (the HYDRA baseline).
+        sparsity: pruned fraction, in (0, 1): 0.9 keeps 10 % of the weights (per layer for HYDRA's
+            default scope; overall for HARP's learnt rates).
+        gamma: S2AP's relative score-space radius; 0 disables S2AP (the base method's baseline).
         warmup_epochs: epochs of plain base-method steps before S2AP starts (paper: 5 of 20).
         reuse_adversarial: pass 2 reuses pass 1's adversarial examples (default); False regenerates
             them on the perturbed mask (about twice the cost).
@@ -46,15 +48,9 @@ class ScoreSpaceSAMPruner(RobustTask):
             (HYDRA's default is False: affine parameters train, running statistics update).
         ascent_sync: under data parallelism, synchronise the pass-1 gradient (a global ascent
             direction); default False keeps it per device, as SAM does. Pass 2 is always synced.
-        base_method: a name in :data:`s2ap_lightning.pruning.methods.METHODS`: ``hydra`` (per-layer
-            rate fixed by ``sparsity``) or ``harp`` (a learnt keep rate per layer, pushed to the
-            overall target by a size loss). S2AP perturbs the scores only.
-        size_loss_weight: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
-        rate_grad: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
-        rate_bound: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
-        density_tolerance: HARP option, see :class:`~s2ap_lightning.pruning.methods.Harp`.
-        scope: HYDRA option, see :class:`~s2ap_lightning.pruning.methods.Hydra`.
-        min_layer_keep: HYDRA option, see :class:`~s2ap_lightning.pruning.methods.Hydra`.
+        method: the score-based base method S2AP plugs into, with its own options
+            (``--model.method harp --model.method.rate_bound 6``); None: HYDRA with its defaults.
+            A new method is a new module under :mod:`s2ap_lightning.pruning.methods`.
         lr: score learning rate (HYDRA: 0.1).
         **kwargs: see :class:`~s2ap_lightning.stages.base.RobustTask`.
 
@@ -68,19 +64,19 @@ class ScoreSpaceSAMPruner(RobustTask):
         reuse_adversarial: bool = True,
         freeze_bn: bool = False,
         ascent_sync: bool = False,
-        base_method: str = "hydra",
-        size_loss_weight: float = 1.0,
-        rate_grad: str = "logit",
-        rate_bound: float | None = 6.0,
-        density_tolerance: float = 0.005,
-        scope: str = "layer",
-        min_layer_keep: float = 0.0,
+        method: BaseMethod | None = None,
         lr: float = 0.1,
         **kwargs: Any,
     ) -> None:
+        # Checkpoints written before the methods owned their options name them flat (base_method, ...).
+        legacy = {key: kwargs.pop(key) for key in LEGACY_METHOD_KEYS if key in kwargs}
+        self.method_spec = method_from_legacy(legacy) if legacy else method_from_config(method or "hydra")
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
         self._eval_weights: dict[str, Tensor] | None = None
+
+    def primitive_blocks(self) -> dict[str, Any]:
+        return {**super().primitive_blocks(), "method": self.method_spec.config()}
 
     # ----------------------------------------------------------------- configuration
     def validate_hparams(self) -> None:
@@ -94,39 +90,23 @@ class ScoreSpaceSAMPruner(RobustTask):
                 "layer's score norm (the paper sweeps 0.001 to 0.1)"
             )
         check_range("warmup_epochs", hp.warmup_epochs, 0, None)
-        check_method_options(hp.base_method, self.method_options())
-
-    def method_options(self) -> dict[str, Any]:
-        """The options the base method reads (it validates and documents them)."""
-        keys = (
-            "sparsity",
-            "scope",
-            "min_layer_keep",
-            "size_loss_weight",
-            "rate_grad",
-            "rate_bound",
-            "density_tolerance",
-        )
-        return {k: self.hparams[k] for k in keys}
+        self.method_spec.check_sparsity(hp.sparsity)
 
     def configure_models(self) -> None:
         super().configure_models()
-        self.scores = self.make_scores()
+        # The base method's scores, masks and own state (HARP's rates): what the search trains.
+        self.method = self.method_spec.build(self.model, self.hparams.sparsity)
         for name, param in self.model.named_parameters():
             module = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
             # Weights and biases are frozen; BatchNorm affine parameters train unless freeze_bn.
             param.requires_grad_(isinstance(module, BATCHNORM_TYPES) and not self.hparams.freeze_bn)
 
-    def make_scores(self) -> BaseMethodHooks:
-        """The base method: its scores and masks, its own state and hooks (``pruning.methods``)."""
-        return build_method(self.hparams.base_method, self.model, self.method_options())
-
     def setup(self, stage: str) -> None:
-        restored = self._restored
+        fresh = self.loads_init_from()
         super().setup(stage)
-        if self.hparams.init_from and not restored:
+        if fresh:
             # Scaled score init from the loaded weights: the first mask is magnitude pruning.
-            self.scores.reinitialise(self.model)
+            self.method.reinitialise(self.model)
         self._eval_weights = None
 
     def on_init_from(self, checkpoint: Any) -> None:
@@ -150,8 +130,8 @@ class ScoreSpaceSAMPruner(RobustTask):
                 f"than the search length (trainer.max_epochs={epochs}), or S2AP never acts"
             )
 
-    def preflight(self, trainer: L.Trainer, stage: str) -> None:
-        super().preflight(trainer, stage)
+    def preflight(self, trainer: L.Trainer, stage: str, from_checkpoint: bool = False) -> None:
+        super().preflight(trainer, stage, from_checkpoint)
         if stage == "fit" and not self.hparams.init_from and not self._restored:
             rank_zero_warn(
                 "no --model.init_from: the mask search prunes randomly initialised weights. Pass the "
@@ -176,53 +156,72 @@ class ScoreSpaceSAMPruner(RobustTask):
             return extra
         return [*extra, MaskStabilityCallback()]
 
-    #: Hyper-parameters that define the mask: a checkpoint restored under other values would be
-    #: evaluated or resumed with a different mask than the one it was searched with.
-    MASK_DEFINING = ("sparsity", "base_method", "scope", "min_layer_keep")
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters") or {}
-        for key in self.MASK_DEFINING:
-            if key in saved and saved[key] != self.hparams[key]:
-                raise ValueError(
-                    f"{key}={self.hparams[key]!r} does not match the checkpoint's {key}={saved[key]!r}: "
-                    f"the mask would differ from the searched one. Pass --model.{key} {saved[key]}"
-                )
+        saved = upgrade_checkpoint_hparams(checkpoint.get("hyper_parameters") or {})
+        self.refuse_other_mask(saved)
         state = checkpoint.get("state_dict") or {}
-        for key in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met"):
-            # Checkpoints written before the base methods owned their state kept HARP's schedule
-            # on the stage; it now lives with the method (and HYDRA has none).
-            if key in state:
-                value = state.pop(key)
-                if f"scores.{key}" in self.state_dict():
-                    state[f"scores.{key}"] = value
+        for key in list(state):
+            # Before the method object was `method`, its state lived under `scores.` (and, earlier,
+            # HARP's schedule on the stage itself).
+            if key.startswith("scores."):
+                state["method." + key.removeprefix("scores.")] = state.pop(key)
+            elif key in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met"):
+                state[f"method.{key}"] = state.pop(key)
         super().on_load_checkpoint(checkpoint)
         self._eval_weights = None
+
+    def refuse_other_mask(self, saved: dict[str, Any]) -> None:
+        """Refuse restoring a checkpoint under settings that define another mask than the searched one.
+
+        The sparsity, the base method and the options its class names as mask-defining; evaluated or
+        resumed under other values, the checkpoint's scores would give another mask.
+        """
+        if "sparsity" in saved and saved["sparsity"] != self.hparams.sparsity:
+            raise ValueError(
+                f"sparsity={self.hparams.sparsity!r} does not match the checkpoint's sparsity="
+                f"{saved['sparsity']!r}: the mask would differ from the searched one. Pass "
+                f"--model.sparsity {saved['sparsity']}"
+            )
+        if "method" not in saved:
+            return
+        old = method_from_config(saved["method"])
+        if type(old) is not type(self.method_spec):
+            raise ValueError(
+                f"method={self.method_spec.name!r} does not match the checkpoint's method={old.name!r}: "
+                f"the mask would differ from the searched one. Pass --model.method {old.name}"
+            )
+        for key in type(old).mask_defining:
+            mine, theirs = getattr(self.method_spec, key), getattr(old, key)
+            if mine != theirs:
+                raise ValueError(
+                    f"method.{key}={mine!r} does not match the checkpoint's {key}={theirs!r}: the mask "
+                    f"would differ from the searched one. Pass --model.method.{key} {theirs}"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         with torch.no_grad():
-            checkpoint["masks"] = {n: m.bool() for n, m in self.scores.masks().items()}
+            checkpoint["masks"] = {n: m.bool() for n, m in self.method.masks().items()}
 
     # ----------------------------------------------------------------- masked network
-    def weights_for_eval(self) -> Mapping[str, Tensor]:
+    def evaluated_weights(self) -> Mapping[str, Tensor]:
         if self._eval_weights is None:
             with torch.inference_mode(False), torch.no_grad():
-                self._eval_weights = self._frozen(self.scores.masks())
+                self._eval_weights = self._frozen(self.method.masks())
 
         return self._eval_weights
 
     def _frozen(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``w * M`` without a graph to the scores: what attacks and accuracy forwards use."""
-        return self.scores.effective_weights(self.model, masks, differentiable=False)
+        return self.method.effective_weights(self.model, masks, differentiable=False)
 
     def _adversarial(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self.training_attack(self.net(weights), x, y)
 
     def _loss(self, masks: Mapping[str, Tensor], x: Tensor, x_adv: Tensor, y: Tensor) -> LossOutput:
-        weights = self.scores.effective_weights(self.model, masks, differentiable=True)
+        weights = self.method.effective_weights(self.model, masks, differentiable=True)
         out = self.robust_loss(self.net(weights), x, x_adv, y)
-        extra = self.scores.extra_loss()
+        extra = self.method.extra_loss()
         if extra is not None:
             out.loss = out.loss + extra
         return out
@@ -245,7 +244,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         if self.hparams.freeze_bn:
             for m in batchnorm_layers(self.model):
                 m.eval()
-        masks = self.scores.masks()
+        masks = self.method.masks()
         at_s = self._frozen(masks)  # once per step: the attack and the clean-accuracy forward share it
         # Adversarial examples for the masked network at the current scores s.
         x_adv = self._adversarial(at_s, x, y)
@@ -254,7 +253,7 @@ class ScoreSpaceSAMPruner(RobustTask):
             out = self._loss(masks, x, x_adv, y)  # the base method: one gradient at s
             self.manual_backward(out.loss)
         else:
-            scores = dict(self.scores.items())
+            scores = dict(self.method.items())
             # 1. Gradient g of the robust loss at s (rank-local under DDP unless ascent_sync).
             with self._rank_local():
                 first = self._loss(masks, x, x_adv, y)
@@ -267,7 +266,7 @@ class ScoreSpaceSAMPruner(RobustTask):
             #    adversarial examples (pass 1's, or regenerated) and the gradient of the loss there,
             #    with BatchNorm statistics left as pass 1 set them.
             with perturbed(scores, z):
-                perturbed_masks = self.scores.masks()
+                perturbed_masks = self.method.masks()
                 x_adv2 = x_adv
                 if not self.hparams.reuse_adversarial:
                     x_adv2 = self._adversarial(self._frozen(perturbed_masks), x, y)
@@ -279,7 +278,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         self.log_training(out, y, lambda: self.net(at_s)(x))
         # 4. The descent from s with the gradient taken at s + z; 5. the method's own after-step.
         opt.step()
-        self.scores.after_optimizer_step()
+        self.method.after_optimizer_step()
         self._eval_weights = None
         return out.loss.detach()
 
@@ -287,36 +286,28 @@ class ScoreSpaceSAMPruner(RobustTask):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        for name, score in self.scores.items():
+        for name, score in self.method.items():
             if not torch.isfinite(score).all():
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite scores in {name} at epoch "
                     f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept"
                 )
         with torch.no_grad():
-            masks = self.scores.masks()
+            masks = self.method.masks()
             # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
             self._eval_weights = self._frozen(masks)
-        density = self.scores.density(masks)
+        density = self.method.density(masks)
 
         self.log("prune/density", density, sync_dist=True)
-        for name, value in self.scores.end_of_epoch(density, self.current_epoch).items():
+        for name, value in self.method.end_of_epoch(density, self.current_epoch).items():
             self.log(name, value, sync_dist=True)
         super().on_train_epoch_end()
 
     def on_train_end(self) -> None:
-        message = self.scores.end_of_search_warning()
+        message = self.method.end_of_search_warning()
         if message:
             rank_zero_warn(message)
 
     def within_budget(self) -> bool:
         """Whether this epoch's mask may become ``best.ckpt`` (see ``BestCheckpoint``); the method says."""
-        return self.scores.within_budget()
-
-
-class HydraPruner(ScoreSpaceSAMPruner):
-    """The HYDRA baseline: the same mask search with the score perturbation off (``gamma = 0``)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs["gamma"] = 0.0
-        super().__init__(**kwargs)
+        return self.method.within_budget()

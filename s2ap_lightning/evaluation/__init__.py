@@ -2,6 +2,7 @@
 
 :func:`evaluate` takes a model, images, a :class:`~s2ap_lightning.attacks.ThreatModel` (what to attack
 with) and an :class:`EvalProtocol` (how), and returns an :class:`EvalRecord`;
+:class:`~s2ap_lightning.evaluation.callback.EvaluationCallback` runs it in ``trainer.test``.
 """
 
 from s2ap_lightning.attacks.pgd import ThreatModel
@@ -11,6 +12,7 @@ from s2ap_lightning.evaluation.autoattack import (
     autoattack_adversarial,
     autoattack_plan,
 )
+from s2ap_lightning.evaluation.callback import EvaluatedModule, EvaluationCallback
 from s2ap_lightning.evaluation.checks import (
     FLAGS,
     VERDICTS,
@@ -40,6 +42,8 @@ __all__ = [
     "AutoAttackPlan",
     "EvalProtocol",
     "EvalRecord",
+    "EvaluatedModule",
+    "EvaluationCallback",
     "MaskedModel",
     "ThreatModel",
     "aa_membership",

@@ -1,8 +1,10 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from s2ap_lightning.attacks import AttackConfig, attack_context, build_robust_loss, pgd, pgd_ce
+from s2ap_lightning.attacks import AttackConfig, ThreatModel, attack_context, build_robust_loss, pgd, pgd_ce
 from s2ap_lightning.models import build_model
 
 
@@ -80,6 +82,49 @@ def test_bad_attack_config_messages():
         AttackConfig(0.1, 0.1, 0)
     with pytest.raises(ValueError, match="unknown robust_loss"):
         build_robust_loss("fgsm")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"norm": "l1"}, r"attack norm='l1' is unknown; valid: linf, l2"),
+        ({"eps": -0.1}, r"attack eps=-0.1 is out of range: valid range is \[0.0, 1.0\]"),
+        ({"eps": 2.0}, r"attack eps=2.0 is out of range: valid range is \[0.0, 1.0\]"),
+        ({"eps": float("nan")}, r"attack eps=nan is out of range"),
+        (
+            {"step_size": 1.5, "eps": 1.0},
+            r"attack step_size=1.5 is out of range: valid range is \[0.0, 1.0\]",
+        ),
+        ({"steps": 0}, r"attack steps=0 is out of range: valid range is \[1, inf\)"),
+        ({"steps": 2.5}, r"attack steps=2.5 must be an integer"),
+        ({"eps": "0.1"}, r"attack eps='0.1' must be a number"),
+    ],
+)
+def test_threat_model_fails_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ThreatModel(**kwargs)
+
+
+def test_threat_model_is_the_attack_config():
+    assert AttackConfig is ThreatModel
+    t = ThreatModel()
+    assert (t.eps, t.step_size, t.steps, t.norm, t.random_start) == (8 / 255, 2 / 255, 10, "linf", True)
+    # The former positional order still means (eps, step_size, steps, norm).
+    assert ThreatModel(0.1, 0.025, 10, "l2") == ThreatModel(eps=0.1, step_size=0.025, steps=10, norm="l2")
+    assert ThreatModel(eps=3.0, step_size=2.0, norm="l2").eps == 3.0, "L2 budgets are not capped at 1"
+    assert ThreatModel(0.1, 0.025).describe() == "linf eps 0.1, PGD-10 step 0.025"
+    assert ThreatModel(0.1, 0.025).with_steps(50).describe() == "linf eps 0.1, PGD-50 step 0.025"
+    assert ThreatModel(0.1, 0.025).with_eps(0.0).eps == 0.0
+
+
+def test_step_larger_than_eps_warns_once():
+    with pytest.warns(UserWarning, match=r"step_size=0.2 is larger than eps=0.1"):
+        threat = ThreatModel(0.1, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        threat.with_steps(50)  # already said when it was made
+        ThreatModel(0.1, 0.2, norm="l2")  # an L2 step may exceed the budget's corners
+        ThreatModel(0.0, 0.2)  # eps 0: nothing to jump to
 
 
 def test_pgd_zero_eps_returns_input(model_and_batch):

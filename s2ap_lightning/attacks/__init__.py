@@ -9,9 +9,18 @@ from s2ap_lightning.attacks.losses import (
     TRADESLoss,
     build_robust_loss,
 )
-from s2ap_lightning.attacks.pgd import AttackConfig, attack_context, eval_mode, pgd, pgd_ce
+from s2ap_lightning.attacks.pgd import (
+    NORMS,
+    AttackConfig,
+    ThreatModel,
+    attack_context,
+    eval_mode,
+    pgd,
+    pgd_ce,
+)
 
 __all__ = [
+    "NORMS",
     "ROBUST_LOSSES",
     "AttackConfig",
     "LossOutput",
@@ -19,6 +28,7 @@ __all__ = [
     "PGDATLoss",
     "RobustLoss",
     "TRADESLoss",
+    "ThreatModel",
     "attack_context",
     "build_robust_loss",
     "eval_mode",

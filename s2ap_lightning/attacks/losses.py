@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from s2ap_lightning.attacks.pgd import AttackConfig, ModelFn, attack_context, pgd
+from s2ap_lightning.attacks.pgd import ModelFn, ThreatModel, attack_context, pgd
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RobustLoss:
         model_fn: ModelFn,
         x: Tensor,
         y: Tensor,
-        config: AttackConfig,
+        config: ThreatModel,
         *modules: nn.Module,
         autocast: bool = False,
     ) -> Tensor:

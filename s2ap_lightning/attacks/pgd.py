@@ -11,6 +11,9 @@ itself, the projection and the returned examples are fp32 either way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import numbers
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.modes import eval_mode
 
 ModelFn = Callable[[Tensor], Tensor]
@@ -25,24 +29,72 @@ NORMS = ("linf", "l2")
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """An L-inf or L2 PGD threat model: budget ``eps``, ``steps`` steps of ``step_size``."""
+class ThreatModel:
+    """An L-inf or L2 PGD threat model: budget ``eps``, ``steps`` steps of ``step_size``.
 
-    eps: float
-    step_size: float
-    steps: int
+    One typed value for every attack of the project (training, validation, evaluation), so a budget
+    is validated once, here, whoever builds it: a stage from its hyper-parameters, a job from its
+    config, a notebook by hand. Field order is the former ``AttackConfig``'s, so positional calls
+    ``ThreatModel(eps, step_size, steps, norm)`` keep their meaning.
+
+    Args:
+        eps: budget; L-inf budgets are at most 1, since inputs are images in [0, 1] and a larger
+            ball allows any image at all.
+        step_size: PGD step (L-inf: at most 1, for the same reason).
+        steps: PGD steps (>= 1). Evaluations replace it with their own step counts
+            (:meth:`with_steps`); it is the training and validation attack's.
+        norm: ``linf`` or ``l2``.
+        random_start: start PGD at a uniform random point of the ball (else at the clean input);
+            deterministic attacks in tests and reproductions turn it off.
+
+    """
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
     norm: str = "linf"
     random_start: bool = True
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"attack norm={self.norm!r} is unknown; valid: {', '.join(NORMS)}")
-        if self.eps < 0:
-            raise ValueError(f"attack eps={self.eps} must be >= 0")
-        if self.step_size < 0:
-            raise ValueError(f"attack step_size={self.step_size} must be >= 0")
-        if self.steps < 1:
-            raise ValueError(f"attack steps={self.steps} must be >= 1")
+        for name in ("eps", "step_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"attack {name}={value!r} must be a number in [0.0, inf)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise ValueError(f"attack steps={self.steps!r} must be an integer in [1, inf)")
+        # Inputs are images in [0, 1]: an L-inf budget (or step) above 1 allows any image at all.
+        high = 1.0 if self.norm == "linf" else None
+        check_range("attack eps", self.eps, 0.0, high)
+        check_range("attack step_size", self.step_size, 0.0, high)
+        check_range("attack steps", self.steps, 1, None)
+        if self.norm == "linf" and self.eps > 0 and self.step_size > self.eps:
+            warnings.warn(
+                f"step_size={self.step_size:g} is larger than eps={self.eps:g}: every PGD step jumps to "
+                "the corners of the L-inf ball (common choices: eps/4 for PGD-10, 2.5 * eps / steps)",
+                stacklevel=3,
+            )
+
+    def with_steps(self, steps: int) -> ThreatModel:
+        """The same threat with ``steps`` PGD steps (the evaluation's PGD-50, its weaker PGD-10)."""
+        with warnings.catch_warnings():
+            # eps and step_size are unchanged: whatever they warrant was said when this one was made.
+            warnings.simplefilter("ignore")
+            return dataclasses.replace(self, steps=steps)
+
+    def with_eps(self, eps: float) -> ThreatModel:
+        """The same attack at budget ``eps`` (eps 0: the check that an attack cannot change a prediction)."""
+        return dataclasses.replace(self, eps=eps)
+
+    def describe(self) -> str:
+        """One line for logs and records, e.g. ``linf eps 0.1, PGD-10 step 0.025``."""
+        start = "" if self.random_start else ", no random start"
+        return f"{self.norm} eps {self.eps:g}, PGD-{self.steps} step {self.step_size:g}{start}"
+
+
+#: The former name of :class:`ThreatModel`, kept so existing code and configs keep working.
+AttackConfig = ThreatModel
 
 
 @contextlib.contextmanager
@@ -90,7 +142,7 @@ def pgd(
     model_fn: ModelFn,
     x: Tensor,
     objective: Callable[[Tensor], Tensor],
-    config: AttackConfig,
+    config: ThreatModel,
     start: Tensor | None = None,
 ) -> Tensor:
     """Maximise ``objective(model_fn(x_adv))`` within the ball; returns detached ``x_adv`` in [0, 1].
@@ -128,7 +180,7 @@ def pgd(
     return x_adv.detach()
 
 
-def pgd_ce(model_fn: ModelFn, x: Tensor, y: Tensor, config: AttackConfig, restarts: int = 1) -> Tensor:
+def pgd_ce(model_fn: ModelFn, x: Tensor, y: Tensor, config: ThreatModel, restarts: int = 1) -> Tensor:
     """Cross-entropy PGD; with restarts, each sample keeps the first restart that fools the model."""
     if restarts < 1:
         raise ValueError(f"restarts={restarts} must be >= 1")

@@ -3,14 +3,20 @@
 One protocol serves ``s2ap test``, the demo, the study and the notebook, so every published number
 went through the same attacks and the same checks. It works per image: each batch yields, for every
 image, whether it is classified correctly clean, under the final PGD, under a weaker PGD, at eps 0 and
-(on the AutoAttack subset) under AutoAttack. :func:`summarise` turns those flags into figures and
-checks, which makes every comparison a comparison on the same images and lets a distributed test
-gather flags by image index (no image counted twice, none missing).
+(on the AutoAttack sample) under AutoAttack, and whether PGD can move from it at all (a non-zero
+gradient). :func:`summarise` turns those flags into figures and checks, which makes every comparison
+a comparison on the same images, judged on the images where the two disagree
+(:mod:`s2ap_lightning.evaluation.checks`).
+
+What is attacked with (norm, budget, step size) is a :class:`~s2ap_lightning.attacks.ThreatModel`;
+how the evaluation runs (steps, restarts, AutoAttack sample, seed, check settings) an
+:class:`EvalProtocol`. :func:`evaluate` takes both.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,14 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset
 
-from s2ap_lightning.attacks.pgd import NORMS, AttackConfig, attack_context, pgd_ce
+from s2ap_lightning.attacks.pgd import ThreatModel, attack_context, pgd_ce
+from s2ap_lightning.checks import check_range
 from s2ap_lightning.data.subsets import class_counts, stratified_indices
-from s2ap_lightning.evaluation.autoattack import AutoAttackPlan, autoattack_adversarial, autoattack_plan
+from s2ap_lightning.evaluation.autoattack import (
+    AA_VERSIONS,
+    AutoAttackPlan,
+    autoattack_adversarial,
+    autoattack_plan,
+)
+from s2ap_lightning.evaluation.checks import gradient_masking_checks
+from s2ap_lightning.models.modes import eval_mode
 from s2ap_lightning.pruning.scores import masked_forward
-
-FLAGS = ("clean", "pgd", "pgd_fewer", "eps0", "aa", "in_aa")
 
 #: The adversarial pruning benchmark's evaluation (pralab/AdversarialPruningBenchmark,
 #: ``utils/test.py:test_model_aa``): AutoAttack standard, L-inf, eps 0.031 (not 8/255), the first
@@ -51,56 +65,74 @@ class MaskedModel(nn.Module):
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """What an evaluation runs.
+    """How an evaluation runs; WHAT it attacks with is the :class:`ThreatModel` passed beside it.
+
+    Kept apart from the threat model so that one protocol evaluates a model at several budgets, and a
+    record says separately what was attacked with (``threat_model``) and how (``protocol``).
 
     Args:
-        eps: attack budget.
-        step_size: PGD step size.
-        norm: ``linf`` or ``l2``.
-        pgd_steps: steps of the final PGD (cross-entropy, random start).
+        pgd_steps: steps of the final PGD (cross-entropy, random start, the threat's step size).
         pgd_restarts: random restarts of the final PGD.
         aa_images: images attacked with AutoAttack, a seeded class-stratified sample of the evaluated
             images (0 skips AutoAttack; at least the whole set takes all of it).
         aa_version: ``standard``, ``plus`` or ``rand``.
         aa_batch_size: AutoAttack batch size.
-        subset_seed: seed of the AutoAttack sample (and of attack starts in :func:`evaluate`).
-        tolerance: noise allowed by the checks, as a fraction of the images compared (at least one
-            image): two attacks with random starts differ by a few images on any real model, while
-            gradient masking shows as differences of several points.
-        batch_size: batch size of the clean and PGD passes in :func:`evaluate`.
+        seed: seeds the AutoAttack sample, AutoAttack itself and the PGD random starts (in a forked
+            RNG: the caller's random stream is untouched).
+        batch_size: images per batch of the clean and PGD passes. Part of the protocol: the random
+            starts are drawn batch by batch, so PGD figures depend on it (as on the seed); the clean
+            and eps-0 figures do not.
+        check_level: level of the checks' exact one-sided binomial (McNemar) test; see
+            :mod:`s2ap_lightning.evaluation.checks` for why 0.01.
+        check_min_effect: smallest accuracy difference, as a fraction of the images compared, that can
+            fail a check (0.005: half a point; see :mod:`s2ap_lightning.evaluation.checks`).
+        collapse_margin: a model is *collapsed* when its clean accuracy is at most the majority-class
+            rate of the evaluated images plus this margin: it does no better than always answering
+            the most common class, and its failed checks say nothing about gradient masking. 0.02
+            (two points): on 1,000 images of 10 balanced classes, a constant answer scores 10 % with
+            a standard deviation of about one point, so two points covers the noise, while any model
+            that learnt something (even a weak robust one) is tens of points above.
 
     """
 
-    eps: float
-    step_size: float
-    norm: str = "linf"
     pgd_steps: int = 50
     pgd_restarts: int = 1
     aa_images: int = 1000
     aa_version: str = "standard"
     aa_batch_size: int = 500
-    subset_seed: int = 0
-    tolerance: float = 0.005
+    seed: int = 0
     batch_size: int = 256
+    check_level: float = 0.01
+    check_min_effect: float = 0.005
+    collapse_margin: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r} is unknown; valid: {', '.join(NORMS)}")
-        for name, low in (("pgd_steps", 1), ("pgd_restarts", 1), ("aa_images", 0), ("aa_batch_size", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
-        if not 0.0 <= self.tolerance < 1.0:
-            raise ValueError(f"tolerance={self.tolerance} must lie in [0, 1)")
+        for name, low in (
+            ("pgd_steps", 1),
+            ("pgd_restarts", 1),
+            ("aa_images", 0),
+            ("aa_batch_size", 1),
+            ("seed", 0),
+            ("batch_size", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an integer in [{low}, inf)")
+            check_range(name, value, low, None)
+        if self.aa_version not in AA_VERSIONS:
+            raise ValueError(f"aa_version={self.aa_version!r} is unknown; valid: {', '.join(AA_VERSIONS)}")
+        for name in ("check_level", "check_min_effect", "collapse_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r} must be a number")
+        check_range("check_level", self.check_level, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("check_min_effect", self.check_min_effect, 0.0, 1.0, high_open=True)
+        check_range("collapse_margin", self.collapse_margin, 0.0, 1.0)
 
     @property
     def fewer_pgd_steps(self) -> int:
         """Steps of the weaker PGD of the "more steps must not help the model" check (10 vs 50)."""
         return 10 if self.pgd_steps > 10 else max(1, self.pgd_steps // 2)
-
-    def attack(self, steps: int | None = None, eps: float | None = None) -> AttackConfig:
-        return AttackConfig(
-            self.eps if eps is None else eps, self.step_size, steps or self.pgd_steps, self.norm
-        )
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -108,49 +140,50 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return model(x).argmax(1) == y
 
 
-def evaluate_batch(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    protocol: EvalProtocol,
-    plan: AutoAttackPlan | None = None,
-    in_aa: Tensor | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, Tensor], list[str]]:
-    """Per-image correctness flags of one batch (see :data:`FLAGS`) and AutoAttack's warnings.
+def _zero_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per image, whether the cross-entropy gradient at the clean image is exactly zero.
 
-    ``in_aa`` marks the images of the batch in the AutoAttack sample (``plan`` says which attacks).
+    PGD steps along the gradient's sign (L-inf) or direction (L2); from such an image it never moves.
+    Saturated logits (the loss rounds to 0 in fp32) and quantised inputs (rounding has no gradient)
+    give exact zeros; a healthy model does not.
+    """
+    x = x.detach().float().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x).float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad.flatten(1).abs().amax(1) == 0
+
+
+def evaluate_batch(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, protocol: EvalProtocol
+) -> dict[str, Tensor]:
+    """Per-image flags of one batch: ``clean``, ``zero_grad``, ``pgd``, ``pgd_fewer``, ``eps0``.
+
+    The final PGD has ``protocol.pgd_steps`` steps and ``protocol.pgd_restarts`` restarts, the weaker
+    one ``protocol.fewer_pgd_steps``, both at the threat's budget and step size; the eps-0 PGD one
+    step. Random starts come from the global RNG (:func:`evaluate` seeds it). AutoAttack is not
+    here: it runs once on its whole sample (see :func:`evaluate`).
     """
     with attack_context(model):
         # Clones: tensors made under inference mode cannot enter an autograd graph.
         x, y = x.clone(), y.clone()
-        flags = {"clean": _correct(model, x, y)}
-        x_adv = pgd_ce(model, x, y, protocol.attack(), protocol.pgd_restarts)
-        flags["pgd"] = _correct(model, x_adv, y)
-        flags["pgd_fewer"] = _correct(
-            model, pgd_ce(model, x, y, protocol.attack(protocol.fewer_pgd_steps)), y
-        )
-        flags["eps0"] = _correct(model, pgd_ce(model, x, y, protocol.attack(1, eps=0.0)), y)
-        in_aa = torch.zeros_like(y, dtype=torch.bool) if in_aa is None else in_aa.to(y.device).bool()
-        flags["aa"], flags["in_aa"] = torch.zeros_like(in_aa), in_aa
-        warnings: list[str] = []
-        if plan is not None and bool(in_aa.any()):
-            x_aa, warnings = autoattack_adversarial(
-                model, x[in_aa], y[in_aa], protocol.eps, plan, protocol.norm, protocol.aa_batch_size, seed
-            )
-            flags["aa"][in_aa] = _correct(model, x_aa, y[in_aa])
-    return flags, warnings
+        flags = {"clean": _correct(model, x, y), "zero_grad": _zero_gradient(model, x, y)}
+        final = threat.with_steps(protocol.pgd_steps)
+        flags["pgd"] = _correct(model, pgd_ce(model, x, y, final, protocol.pgd_restarts), y)
+        fewer = threat.with_steps(protocol.fewer_pgd_steps)
+        flags["pgd_fewer"] = _correct(model, pgd_ce(model, x, y, fewer), y)
+        flags["eps0"] = _correct(model, pgd_ce(model, x, y, threat.with_eps(0.0).with_steps(1)), y)
+    return flags
 
 
 def pgd_accuracy(
-    model: nn.Module, x: Tensor, y: Tensor, config: AttackConfig, restarts: int = 1, batch_size: int = 256
+    model: nn.Module, x: Tensor, y: Tensor, config: ThreatModel, restarts: int = 1, batch_size: int = 256
 ) -> float:
     """Accuracy under one PGD (fp32, eval mode): the quick figure of model selection and mask checks.
 
     Not the protocol: no AutoAttack and no checks. Selection (a validation split) and the mask robust
     accuracy before finetuning use it; published test figures come from :func:`evaluate`.
     """
-    device = next(model.parameters()).device
+    device = _device(model)
     correct = 0
     with attack_context(model):
         for i in range(0, len(x), batch_size):
@@ -159,46 +192,17 @@ def pgd_accuracy(
     return correct / max(len(x), 1)
 
 
-def gradient_masking_checks(
-    figures: Mapping[str, float | None],
-    n_images: int,
-    n_aa_images: int = 0,
-    aa_warnings: list[str] | tuple[str, ...] = (),
-    tolerance: float = 0.005,
-) -> dict[str, dict[str, Any]]:
-    """Checks that catch gradient masking and broken evaluations, each on the same images.
-
-    On all evaluated images: final PGD <= clean; eps-0 accuracy == clean; more PGD steps do not raise
-    accuracy (final PGD <= weaker PGD). On the AutoAttack sample: AutoAttack <= PGD <= clean there, and
-    AutoAttack's own warnings are failures. Comparisons allow ``tolerance`` of the images compared
-    (at least one image) for the randomness of attack starts.
-    """
-
-    def tol(n: int) -> float:
-        return max(tolerance, 1.0 / max(n, 1)) + 1e-9
-
-    def at_most(a: str, b: str, n: int) -> dict[str, Any]:
-        passed = figures[a] <= figures[b] + tol(n)
-        return {"passed": bool(passed), "detail": f"{a} {figures[a]:.4f} vs {b} {figures[b]:.4f} (n={n})"}
-
-    checks = {
-        "pgd_at_most_clean": at_most("pgd_acc", "clean_acc", n_images),
-        "eps0_equals_clean": {
-            "passed": abs(figures["eps0_acc"] - figures["clean_acc"]) <= 1e-9,
-            "detail": f"eps=0 robust {figures['eps0_acc']:.4f} vs clean {figures['clean_acc']:.4f}",
-        },
-        "more_steps_not_higher": at_most("pgd_acc", "pgd_fewer_acc", n_images),
-    }
-    if n_aa_images:
-        checks["aa_at_most_pgd"] = at_most("aa_acc", "aa_subset_pgd_acc", n_aa_images)
-        checks["aa_at_most_clean"] = at_most("aa_acc", "aa_subset_clean_acc", n_aa_images)
-        checks["autoattack_warnings"] = {"passed": not aa_warnings, "detail": "; ".join(aa_warnings)}
-    return checks
-
-
 @dataclass
 class EvalRecord:
-    """Figures of one evaluation, what each rests on, and the checks."""
+    """Figures of one evaluation, what each rests on, and the checks.
+
+    ``checks`` maps a check's name to ``passed``, ``verdict`` (``passed``, ``failed`` or
+    ``collapsed``), the images compared ``n``, the discordant counts ``a_only``/``b_only``,
+    ``p_value``, ``effect`` and ``detail`` (see :mod:`s2ap_lightning.evaluation.checks`).
+    ``collapsed`` says the model does no better than its majority class (clean accuracy at most
+    ``majority_class_rate + collapse_margin``): its failed checks have verdict ``collapsed`` and
+    are not reported as masking by :meth:`failures`.
+    """
 
     clean_acc: float
     pgd_acc: float
@@ -211,6 +215,9 @@ class EvalRecord:
     n_aa_images: int
     class_counts: dict[int, int]
     aa_class_counts: dict[int, int]
+    majority_class_rate: float
+    collapsed: bool
+    threat_model: dict[str, Any]
     protocol: dict[str, Any]
     pgd_fewer_steps: int
     autoattack: str | None
@@ -221,17 +228,23 @@ class EvalRecord:
 
     @property
     def passed(self) -> bool:
+        """Every check passed (a collapsed model's failed checks count as not passed)."""
         return all(c["passed"] for c in self.checks.values())
 
     def failures(self) -> list[str]:
-        return [f"{name}: {c['detail']}" for name, c in self.checks.items() if not c["passed"]]
+        """Failed checks of a model that is not collapsed: possible gradient masking or broken evaluation."""
+        return [f"{name}: {c['detail']}" for name, c in self.checks.items() if c["verdict"] == "failed"]
+
+    def collapsed_failures(self) -> list[str]:
+        """Failed checks of a collapsed model: expected of a constant answer, not evidence of masking."""
+        return [f"{name}: {c['detail']}" for name, c in self.checks.items() if c["verdict"] == "collapsed"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "all_checks_passed": self.passed}
+        return {**asdict(self), "all_checks_passed": self.passed, "masking_suspected": bool(self.failures())}
 
 
 def protocol_name(
-    protocol: EvalProtocol, n_images: int, n_aa_images: int, plan: AutoAttackPlan | None
+    threat: ThreatModel, n_images: int, n_aa_images: int, plan: AutoAttackPlan | None
 ) -> str | None:
     """:data:`AP_BENCHMARK` when this evaluation ran the benchmark's protocol, else None.
 
@@ -242,8 +255,8 @@ def protocol_name(
         plan is not None
         and not plan.skipped
         and plan.version == "standard"
-        and protocol.norm == "linf"
-        and abs(protocol.eps - AP_BENCHMARK_EPS) < 1e-12
+        and threat.norm == "linf"
+        and abs(threat.eps - AP_BENCHMARK_EPS) < 1e-12
         and n_images == n_aa_images == AP_BENCHMARK_IMAGES
     ):
         return AP_BENCHMARK
@@ -253,18 +266,22 @@ def protocol_name(
 def summarise(
     flags: Mapping[str, Tensor],
     labels: Tensor,
+    threat: ThreatModel,
     protocol: EvalProtocol,
     plan: AutoAttackPlan | None = None,
     aa_warnings: list[str] | tuple[str, ...] = (),
 ) -> EvalRecord:
-    """Figures and checks from per-image flags (all images evaluated, AutoAttack where ``in_aa``)."""
+    """Figures and checks from per-image flags (``checks.FLAGS``; AutoAttack where ``in_aa``)."""
     f = {k: v.detach().cpu().bool() for k, v in flags.items()}
     labels = labels.detach().cpu()
-    n, in_aa = len(labels), f["in_aa"]
+    n = len(labels)
+    if n == 0:
+        raise ValueError("an evaluation needs at least one image; the flags cover none")
+    in_aa = f.get("in_aa", torch.zeros(n, dtype=torch.bool))
     n_aa = int(in_aa.sum())
 
     def mean(flag: Tensor) -> float:
-        return float(flag.double().mean()) if len(flag) else float("nan")
+        return float(flag.double().mean())
 
     figures: dict[str, float | None] = {
         "clean_acc": mean(f["clean"]),
@@ -276,20 +293,29 @@ def summarise(
         "aa_subset_pgd_acc": mean(f["pgd"][in_aa]) if n_aa else None,
     }
     warnings = list(dict.fromkeys(aa_warnings))
-    checks = gradient_masking_checks(figures, n, n_aa, warnings, protocol.tolerance)
+    checks = gradient_masking_checks(f, warnings, protocol.check_level, protocol.check_min_effect)
+    counts = class_counts(labels)
+    majority = max(counts.values()) / n
+    collapsed = figures["clean_acc"] <= majority + protocol.collapse_margin
+    for check in checks.values():
+        check["verdict"] = "passed" if check["passed"] else ("collapsed" if collapsed else "failed")
+    ran_aa = plan is not None and n_aa > 0
     return EvalRecord(
         **figures,
         n_images=n,
         n_aa_images=n_aa,
-        class_counts=class_counts(labels),
+        class_counts=counts,
         aa_class_counts=class_counts(labels[in_aa]),
+        majority_class_rate=majority,
+        collapsed=bool(collapsed),
+        threat_model=asdict(threat.with_steps(protocol.pgd_steps)),
         protocol=asdict(protocol),
         pgd_fewer_steps=protocol.fewer_pgd_steps,
-        autoattack=plan.describe() if (plan is not None and n_aa) else None,
-        autoattack_skipped=dict(plan.skipped) if (plan is not None and n_aa) else {},
+        autoattack=plan.describe() if ran_aa else None,
+        autoattack_skipped=dict(plan.skipped) if ran_aa else {},
         autoattack_warnings=warnings,
         checks=checks,
-        protocol_name=protocol_name(protocol, n, n_aa, plan if n_aa else None),
+        protocol_name=protocol_name(threat, n, n_aa, plan if ran_aa else None),
     )
 
 
@@ -297,49 +323,130 @@ def aa_membership(labels: Tensor, protocol: EvalProtocol) -> Tensor:
     """Boolean mask of the AutoAttack sample: ``aa_images`` images, class-stratified, seeded."""
     member = torch.zeros(len(labels), dtype=torch.bool)
     if protocol.aa_images:
-        member[stratified_indices(labels, protocol.aa_images, protocol.subset_seed)] = True
+        member[stratified_indices(labels, protocol.aa_images, protocol.seed)] = True
     return member
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, protocol: EvalProtocol) -> EvalRecord:
-    """Run the whole protocol on a plain model and in-memory images (the demo, the study, notebooks).
+def _device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
-    Attack starts are seeded with ``protocol.subset_seed`` without disturbing the caller's RNG.
+
+class _Images:
+    """The evaluated images: an ``(x, y)`` tensor pair or a map-style Dataset of ``(x, y[, index])``.
+
+    Both are read by position, so a chunk of a Dataset holds exactly the images (and the AutoAttack
+    sample exactly the images) that the same positions of the tensor pair would.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        num_classes = int(model(x[:1].to(device)).shape[1])
-    plan = autoattack_plan(num_classes, protocol.aa_version) if protocol.aa_images else None
-    member = aa_membership(y, protocol)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    parts: dict[str, list[Tensor]] = {k: [] for k in FLAGS}
+
+    def __init__(self, data: tuple[Tensor, Tensor] | Dataset) -> None:
+        self.tensors: tuple[Tensor, Tensor] | None = None
+        self.dataset: Dataset | None = None
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            x, y = data
+            if len(x) != len(y):
+                raise ValueError(f"data holds {len(x)} images but {len(y)} labels")
+            self.tensors = (x, y)
+        elif isinstance(data, Dataset) and hasattr(data, "__len__") and not isinstance(data, IterableDataset):
+            self.dataset = data
+        else:
+            raise TypeError(
+                "data must be an (x, y) pair of tensors or a map-style Dataset (with __len__) yielding "
+                f"(x, y) or (x, y, index); got {type(data).__name__}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.tensors[0]) if self.tensors is not None else len(self.dataset)  # type: ignore[arg-type]
+
+    def load(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Images and labels at ``index`` (positions), on the CPU; the global RNG is left as it was.
+
+        A dataset's transforms may draw random numbers; they must not shift the attacks' stream, or
+        the figures would differ from the tensor path's on the same images.
+        """
+        if self.tensors is not None:
+            x, y = self.tensors
+            return x[index.to(x.device)], y[index.to(y.device)].long()
+        with torch.random.fork_rng(devices=[]):
+            items = [self.dataset[int(i)] for i in index]  # type: ignore[index]
+        x = torch.stack([torch.as_tensor(item[0]) for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
+        return x, y
+
+
+def evaluate(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor] | Dataset,
+    threat: ThreatModel,
+    protocol: EvalProtocol,
+) -> EvalRecord:
+    """Run the whole protocol on a plain model: clean, PGD, eps-0 PGD, AutoAttack and the checks.
+
+    The one evaluation of the project (``s2ap test`` through
+    :class:`~s2ap_lightning.evaluation.callback.EvaluationCallback`, the demo, the study, notebooks):
+    the same model, images, threat and protocol give the same record, bit for bit, whoever calls it.
+    The PGD starts and AutoAttack are seeded with ``protocol.seed`` in a forked RNG, without
+    disturbing the caller's random stream. Runs with gradients enabled even when called under
+    ``torch.inference_mode`` (Lightning's test loop).
+
+    Args:
+        model: logits of a batch in [0, 1] (e.g. a :class:`MaskedModel`); put in eval mode for the
+            evaluation, its submodules' own flags restored afterwards.
+        data: an ``(x, y)`` pair of tensors, or a map-style Dataset yielding ``(x, y)`` or
+            ``(x, y, index)`` (the index is ignored: images are read by position, in order, in chunks
+            of ``protocol.batch_size``), which gives the figures of the tensor path on the same images.
+        threat: what to attack with: norm, budget, step size (its ``steps`` are replaced by the
+            protocol's step counts).
+        protocol: how: step counts, restarts, the AutoAttack sample, seeds, check settings.
+
+    """
+    images = _images(data)
+    n = len(images)
+    if n == 0:
+        raise ValueError("evaluate needs at least one image; the data given holds none")
+    device = _device(model)
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    parts: dict[str, list[Tensor]] = {}
+    labels: list[Tensor] = []
     warnings: list[str] = []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(protocol.subset_seed)
-        for i in range(0, len(x), protocol.batch_size):
-            xb, yb = x[i : i + protocol.batch_size].to(device), y[i : i + protocol.batch_size].to(device)
-            flags, _ = evaluate_batch(model, xb, yb, protocol)
-            for k in FLAGS:
-                parts[k].append(flags[k].cpu())
+    with torch.inference_mode(False), eval_mode(model), torch.random.fork_rng(devices=cuda):
+        first, _ = images.load(torch.tensor([0]))
+        with attack_context(model), torch.no_grad():
+            num_classes = int(model(first.to(device)).shape[1])
+        plan = autoattack_plan(num_classes, protocol.aa_version) if protocol.aa_images else None
+        torch.manual_seed(protocol.seed)
+        for start in range(0, n, protocol.batch_size):
+            xb, yb = images.load(torch.arange(start, min(start + protocol.batch_size, n)))
+            flags = evaluate_batch(model, xb.to(device), yb.to(device), threat, protocol)
+            for k, v in flags.items():
+                parts.setdefault(k, []).append(v.cpu())
+            labels.append(yb.cpu())
         merged = {k: torch.cat(v) for k, v in parts.items()}
+        y = torch.cat(labels)
+        member = aa_membership(y, protocol)
+        merged["aa"] = torch.zeros(n, dtype=torch.bool)
+        merged["in_aa"] = torch.zeros(n, dtype=torch.bool)
         if plan is not None and bool(member.any()):
-            # AutoAttack batches by itself: one call on the whole sample.
-            xa, ya = x[member].to(device), y[member].to(device)
+            # AutoAttack batches by itself: one call on the whole sample, so its own figures (and the
+            # percentages in its warnings) are over the sample.
+            xa, ya = images.load(torch.nonzero(member).flatten())
+            xa, ya = xa.to(device), ya.to(device)
+            x_aa, warnings = autoattack_adversarial(
+                model, xa, ya, threat.eps, plan, threat.norm, protocol.aa_batch_size, protocol.seed
+            )
             with attack_context(model):
-                x_aa, warnings = autoattack_adversarial(
-                    model,
-                    xa,
-                    ya,
-                    protocol.eps,
-                    plan,
-                    protocol.norm,
-                    protocol.aa_batch_size,
-                    protocol.subset_seed,
-                )
                 merged["aa"][member] = _correct(model, x_aa, ya).cpu()
             merged["in_aa"] = member
-    return summarise(merged, y, protocol, plan, warnings)
+    return summarise(merged, y, threat, protocol, plan, warnings)
+
+
+def _images(data: tuple[Tensor, Tensor] | Dataset) -> _Images:
+    return data if isinstance(data, _Images) else _Images(data)
 
 
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:

@@ -45,8 +45,8 @@ class EvaluatedModule(Protocol):
         threat: what to attack with at test time (norm, budget, step size).
         evaluation: how to evaluate (steps, restarts, AutoAttack sample, seed, check settings).
         trained_hparams: the checkpoint's hyper-parameters, as trained; the record keeps them, and
-            the threat-model line says when the evaluated threat is not the one trained at (keys
-            ``norm``, ``eps``, ``step_size``, ``attack_steps`` are read where present).
+            the threat-model line says when the evaluated threat is not the one trained at (its
+            ``threat`` block, see :func:`trained_threat`).
 
     """
 
@@ -73,10 +73,21 @@ def threat_model_line(threat: ThreatModel, protocol: EvalProtocol, trained: dict
         f"threat model: {threat.norm} eps {threat.eps:g}; PGD-{protocol.pgd_steps} (step "
         f"{threat.step_size:g}, {protocol.pgd_restarts} restart(s)); {aa}"
     )
-    was = (trained.get("norm", threat.norm), trained.get("eps", threat.eps))
+    saved = trained_threat(trained)
+    was = (saved.get("norm") or threat.norm, threat.eps if saved.get("eps") is None else saved["eps"])
     if was[0] != threat.norm or abs(float(was[1]) - threat.eps) > 1e-12:
         line += f". NOT the training threat model ({was[0]} eps {float(was[1]):g})"
     return line
+
+
+def trained_threat(trained: dict[str, Any]) -> dict[str, Any]:
+    """The threat model a checkpoint's hyper-parameters say it was trained at (``threat`` block, or
+    the flat ``eps``/``step_size``/``attack_steps``/``norm`` of checkpoints written before the block)."""
+    block = trained.get("threat")
+    if isinstance(block, dict):
+        return {k: block.get(k) for k in ("norm", "eps", "step_size", "steps")}
+    return {"norm": trained.get("norm"), "eps": trained.get("eps"), "step_size": trained.get("step_size"),
+            "steps": trained.get("attack_steps")}  # fmt: skip
 
 
 def unused_record_path(first: Path) -> Path:
@@ -117,7 +128,7 @@ def evaluation_record(trainer: L.Trainer, module: EvaluatedModule, record: EvalR
         "seed": os.environ.get("PL_GLOBAL_SEED"),
         "dataset": plain(dict(hparams)) if hparams is not None else None,
         "hyper_parameters": plain(trained),
-        "trained_threat_model": {k: trained.get(k) for k in ("norm", "eps", "step_size", "attack_steps")},
+        "trained_threat_model": trained_threat(trained),
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
         "git_commit": git_commit(),

@@ -139,7 +139,7 @@ def test_security_curve_matches_analytic_distances():
 def test_report_from_runs_folder(tmp_path, fast_kwargs):
     from s2ap_lightning.analysis.report import write_report
     from s2ap_lightning.models import build_model
-    from s2ap_lightning.pruning import ScoreSet
+    from s2ap_lightning.pruning import Hydra
 
     rows = []
     for method in ("hydra", "s2ap"):
@@ -147,7 +147,7 @@ def test_report_from_runs_folder(tmp_path, fast_kwargs):
             folder = tmp_path / f"{method}_sp{sp:g}"
             (folder / "masks").mkdir(parents=True)
             model = build_model("small_cnn", 10, 1)
-            scores = ScoreSet(model, sp)
+            scores = Hydra().build(model, sp)
             for tag in ("init", "epoch_000", "epoch_001"):
                 with torch.no_grad():
                     for _, s in scores.items():

@@ -3,7 +3,7 @@ import torch
 
 from s2ap_lightning.checkpoint import CheckpointError
 from s2ap_lightning.models import build_model
-from s2ap_lightning.pruning import ScoreSet
+from s2ap_lightning.pruning import Hydra
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer
 
 
@@ -11,7 +11,7 @@ from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer
 def pruned_state_dict_file(tmp_path, fast_kwargs):
     torch.manual_seed(0)
     model = build_model("small_cnn", fast_kwargs["num_classes"], fast_kwargs["in_channels"])
-    masks = ScoreSet(model, 0.8).masks()
+    masks = Hydra().build(model, 0.8).masks()
     state = model.state_dict()
     for n, m in masks.items():
         state[n] = state[n] * m

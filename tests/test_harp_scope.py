@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from s2ap_lightning.attacks import AttackConfig, attack_context, pgd
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.models import build_model
-from s2ap_lightning.pruning.scores import HarpScoreSet, ScoreSet, masked_forward
+from s2ap_lightning.pruning.methods import Harp, Hydra
+from s2ap_lightning.pruning.scores import masked_forward
 from s2ap_lightning.stages import RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
 
@@ -25,7 +26,7 @@ def test_harp_rate_gradient_is_sum_of_mask_gradients(rate_grad):
     logit through ``k = k_min + (1 - k_min) * sigmoid(r)`` (``keep``, HARP's code)."""
     torch.manual_seed(0)
     model = build_model("small_cnn", 4, 3)
-    harp = HarpScoreSet(model, 0.8, rate_grad=rate_grad)
+    harp = Harp(rate_grad=rate_grad).build(model, 0.8)
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 4, (8,))
     masks = harp.masks()
     weights = harp.effective_weights(model, masks)
@@ -52,20 +53,20 @@ def test_harp_rate_gradient_is_sum_of_mask_gradients(rate_grad):
 def test_harp_rates_are_clamped_only_when_bounded():
     model = build_model("small_cnn", 4, 3)
     for bound, expected in ((6.0, 6.0), (None, 50.0)):
-        harp = HarpScoreSet(model, 0.9, rate_bound=bound)
+        harp = Harp(rate_bound=bound).build(model, 0.9)
         with torch.no_grad():
             for r in harp.rates.values():
                 r.fill_(50.0)
         harp.clamp_rates_()
         assert all(float(r) == expected for r in harp.rates.values())
     with pytest.raises(ValueError, match="rate_bound=0.0 is out of range"):
-        HarpScoreSet(model, 0.9, rate_bound=0.0)
+        Harp(rate_bound=0.0)
     with pytest.raises(ValueError, match="rate_grad='mean' is unknown; valid: logit, keep"):
-        HarpScoreSet(model, 0.9, rate_grad="mean")
+        Harp(rate_grad="mean")
 
 
 def test_harp_keep_rates_start_at_target_and_respect_minimum():
-    harp = HarpScoreSet(build_model("small_cnn", 4, 3), 0.9)
+    harp = Harp().build(build_model("small_cnn", 4, 3), 0.9)
     assert float(harp.expected_density()) == pytest.approx(0.1, rel=1e-5)
     with torch.no_grad():
         for r in harp.rates.values():
@@ -147,9 +148,7 @@ def test_s2ap_on_harp_perturbs_scores_only(fast_kwargs, trainer_factory, monkeyp
 
 def test_harp_size_weight_grows_linearly_then_freezes():
     # The method object alone: no LightningModule, no Trainer.
-    from s2ap_lightning.pruning.methods import Harp
-
-    harp = Harp(build_model("small_cnn", 4, 3), 0.8, size_loss_weight=0.5)  # target density 0.2
+    harp = Harp(size_loss_weight=0.5).build(build_model("small_cnn", 4, 3), 0.8)  # target density 0.2
     seen = []
     for epoch, density in enumerate([0.19, 0.35, 0.25, 0.20, 0.30, 0.10]):
         logged = harp.end_of_epoch(density, epoch)
@@ -238,7 +237,7 @@ def test_harp_final_density_meets_target(pretrained_digits, tmp_path, sparsity, 
 def test_global_scope_one_threshold_with_layer_minimum():
     torch.manual_seed(0)
     model = build_model("small_cnn", 4, 3)
-    scores = ScoreSet(model, 0.9, scope="global", min_layer_keep=0.02)
+    scores = Hydra(scope="global", min_layer_keep=0.02).build(model, 0.9)
     masks = scores.masks()
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)
@@ -246,7 +245,7 @@ def test_global_scope_one_threshold_with_layer_minimum():
         assert int(m.sum()) >= max(1, round(0.02 * m.numel())), name
     assert len({round(float(m.mean()), 3) for m in masks.values()}) > 1, "layers keep different fractions"
     with pytest.raises(ValueError, match="min_layer_keep=0.5 is out of range"):
-        ScoreSet(model, 0.9, scope="global", min_layer_keep=0.5)
+        Hydra(scope="global", min_layer_keep=0.5).build(model, 0.9)
 
 
 def test_harp_size_weight_grows_until_target_then_freezes(fast_kwargs, synthetic_dm, trainer_factory):
@@ -275,15 +274,13 @@ def test_harp_size_weight_grows_until_target_then_freezes(fast_kwargs, synthetic
 
 
 def test_harp_budget_band_and_warning_without_a_trainer():
-    from s2ap_lightning.pruning.methods import Harp, Hydra
-
-    harp = Harp(build_model("small_cnn", 4, 3), 0.9, density_tolerance=0.01)
+    harp = Harp(density_tolerance=0.01).build(build_model("small_cnn", 4, 3), 0.9)
     assert harp.in_band(0.1) and harp.in_band(0.095) and not harp.in_band(0.085) and not harp.in_band(0.12)
     assert harp.within_budget(), "the rates start at the target"
     assert "never ended an epoch in [0.09, 0.1]" in harp.end_of_search_warning()
     harp.end_of_epoch(0.1, 0)
     assert harp.end_of_search_warning() is None and float(harp.extra_loss()) == pytest.approx(0.0, abs=1e-5)
-    hydra = Hydra(build_model("small_cnn", 4, 3), 0.9)
+    hydra = Hydra().build(build_model("small_cnn", 4, 3), 0.9)
     assert hydra.extra_loss() is None and hydra.within_budget() and hydra.end_of_epoch(0.1, 0) == {}
 
 

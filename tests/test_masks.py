@@ -5,7 +5,7 @@ from torch.func import functional_call
 
 from s2ap_lightning.models import build_model
 from s2ap_lightning.pruning import (
-    ScoreSet,
+    Hydra,
     kept_count,
     masked_forward,
     prunable_weight_names,
@@ -19,7 +19,7 @@ from s2ap_lightning.pruning import (
 def test_exact_kept_count_per_layer(arch, sparsity):
     torch.manual_seed(0)
     model = build_model(arch, 10, 3)
-    scores = ScoreSet(model, sparsity)
+    scores = Hydra().build(model, sparsity)
     masks = scores.masks()
     assert set(masks) == set(prunable_weight_names(model))
     for name, mask in masks.items():
@@ -38,7 +38,7 @@ def test_kept_count_rejects_out_of_range():
     with pytest.raises(ValueError, match="sparsity"):
         kept_count(10, 1.5)
     with pytest.raises(ValueError, match=r"sparsity.*\(0, 1\)"):
-        ScoreSet(build_model("small_cnn", 10, 1), 1.0)
+        Hydra().build(build_model("small_cnn", 10, 1), 1.0)
 
 
 def test_topk_selects_largest_magnitude():
@@ -50,7 +50,7 @@ def test_topk_selects_largest_magnitude():
 def test_scaled_score_init_is_magnitude_pruning():
     torch.manual_seed(1)
     model = build_model("small_cnn", 10, 1)
-    scores = ScoreSet(model, 0.8)
+    scores = Hydra().build(model, 0.8)
     params = dict(model.named_parameters())
     for name, mask in scores.masks().items():
         w = params[name]
@@ -65,7 +65,7 @@ def test_scaled_score_init_is_magnitude_pruning():
 def test_straight_through_gradient_is_sign_s_times_w_times_grad_weff():
     torch.manual_seed(2)
     model = build_model("small_cnn", 4, 3)
-    scores = ScoreSet(model, 0.7)
+    scores = Hydra().build(model, 0.7)
     with torch.no_grad():  # random signs so that sign(s) matters
         for _, s in scores.items():
             s.mul_(torch.randn_like(s).sign())
@@ -87,7 +87,7 @@ def test_straight_through_gradient_is_sign_s_times_w_times_grad_weff():
 
 def test_effective_weights_have_exact_zeros():
     model = build_model("small_cnn", 10, 1)
-    scores = ScoreSet(model, 0.9)
+    scores = Hydra().build(model, 0.9)
     masks = scores.masks()
     for name, w in scores.effective_weights(model, masks, differentiable=True).items():
         assert (w.detach()[masks[name] == 0] == 0).all()
@@ -99,7 +99,7 @@ def test_batched_topk_selects_what_per_layer_topk_selects(arch):
     from s2ap_lightning.pruning.masks import topk_masks
 
     torch.manual_seed(0)
-    scores = ScoreSet(build_model(arch, 10, 3), 0.9)
+    scores = Hydra().build(build_model(arch, 10, 3), 0.9)
     with torch.no_grad():
         for _, s in scores.items():
             s.add_(1e-3 * torch.randn_like(s))  # no exact ties

@@ -10,8 +10,8 @@ import torch
 from s2ap_lightning.cli import main
 from s2ap_lightning.models import build_model
 from s2ap_lightning.pruning.masks import kept_count, largest_feasible_sparsity
-from s2ap_lightning.pruning.methods import Harp, build_method
-from s2ap_lightning.pruning.scores import HarpScoreSet, ScoreSet, prunable_weight_names
+from s2ap_lightning.pruning.methods import Harp, Hydra
+from s2ap_lightning.pruning.scores import prunable_weight_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = Path(__file__).resolve().parent / "configs" / "cli_fast.yaml"
@@ -33,7 +33,7 @@ def test_layer_scope_refuses_a_sparsity_that_empties_layers():
     assert len(empty) == 3, n  # the case: three of the four layers would keep nothing
 
     with pytest.raises(ValueError) as err:
-        ScoreSet(model, 0.9999)
+        Hydra().build(model, 0.9999)
     message = str(err.value)
     assert "\n" not in message and message.startswith("sparsity=0.9999 leaves 3 of 4 prunable layers")
     for name in empty:
@@ -48,9 +48,9 @@ def test_layer_scope_refuses_a_sparsity_that_empties_layers():
 def test_the_stated_largest_sparsity_passes_and_keeps_every_layer():
     model = build_model("small_cnn", 10, 3)
     with pytest.raises(ValueError) as err:
-        ScoreSet(model, 0.999)
+        Hydra().build(model, 0.999)
     best = largest_in(str(err.value))
-    masks = ScoreSet(model, best).masks()
+    masks = Hydra().build(model, best).masks()
     assert all(int(m.sum()) >= 1 for m in masks.values())
     assert min(int(m.sum()) for m in masks.values()) == 1  # it is the limit: the smallest layer keeps one
 
@@ -58,7 +58,7 @@ def test_the_stated_largest_sparsity_passes_and_keeps_every_layer():
 def test_a_feasible_high_sparsity_passes():
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 3)
-    scores = build_method("hydra", model, {"sparsity": 0.998})
+    scores = Hydra().build(model, 0.998)
     counts = scores.kept_counts()
     assert all(c >= 1 for c in counts.values()) and counts == {
         name: kept_count(k, 0.998) for name, k in sizes(model).items()
@@ -81,29 +81,29 @@ def test_global_scope_keeps_a_weight_per_layer_and_refuses_a_budget_below_that()
     total = sum(sizes(model).values())
     # Global already keeps >= 1 weight in every layer (and min_layer_keep more), even at 0.999...
     for keep in (0.0, 0.0005):
-        counts = ScoreSet(model, 0.999, scope="global", min_layer_keep=keep).kept_counts()
+        counts = Hydra(scope="global", min_layer_keep=keep).build(model, 0.999).kept_counts()
         assert min(counts.values()) >= max(1, round(keep * 432)), counts
         assert sum(counts.values()) == kept_count(total, 0.999)
     # ... but a budget smaller than the number of layers would silently exceed the sparsity asked.
     with pytest.raises(ValueError) as err:
-        ScoreSet(model, 0.9999, scope="global")
+        Hydra(scope="global").build(model, 0.9999)
     message = str(err.value)
     assert f"allows 2 of {total} weights, fewer than one for each of the 4 prunable layers" in message
     best = largest_in(message)
     assert kept_count(total, best) >= 4 > kept_count(total, best + 1e-6)
-    ScoreSet(model, best, scope="global")
+    Hydra(scope="global").build(model, best)
 
 
 def test_harp_unbounded_rates_could_empty_a_layer():
     model = build_model("small_cnn", 10, 3)
     # k_min = 0.1 * 0.01 = 0.001: the 432-weight first conv could fall to round(0.432) = 0 weights.
     with pytest.raises(ValueError) as err:
-        HarpScoreSet(model, 0.99, rate_bound=None)
+        Harp(rate_bound=None).build(model, 0.99)
     message = str(err.value)
     assert "rate_bound=None" in message and "features.0.weight (432 weights)" in message
     assert "keep fraction to 0.001" in message and "\n" not in message
     best = largest_in(message)
-    harp = HarpScoreSet(model, best, rate_bound=None)
+    harp = Harp(rate_bound=None).build(model, best)
     with torch.no_grad():
         for r in harp.rates.values():
             r.fill_(-1e4)  # the floor an unbounded rate approaches
@@ -112,16 +112,16 @@ def test_harp_unbounded_rates_could_empty_a_layer():
 
 def test_harp_bounded_rates_keep_a_weight_at_their_floor():
     model = build_model("small_cnn", 10, 3)
-    harp = Harp(model, 0.99)  # rate_bound 6: the floor is k_min + (1 - k_min) * sigmoid(-6)
+    harp = Harp().build(model, 0.99)  # rate_bound 6: the floor is k_min + (1 - k_min) * sigmoid(-6)
     with torch.no_grad():
         for r in harp.rates.values():
             r.fill_(-10.0)
     harp.clamp_rates_()
     assert min(harp.kept_counts().values()) >= 1
-    assert harp.lowest_keep_fraction(0.99) == pytest.approx(0.001 + 0.999 / (1 + math.exp(6)))
+    assert harp.method.lowest_keep_fraction(0.99) == pytest.approx(0.001 + 0.999 / (1 + math.exp(6)))
     # HARP starts at the target, so its start is refused as the per-layer top-k is.
     with pytest.raises(ValueError, match=r"sparsity=0.9999 leaves 3 of 4 prunable layers"):
-        Harp(model, 0.9999)
+        Harp().build(model, 0.9999)
 
 
 def test_cli_refuses_before_training_with_one_line(tmp_path, capsys):

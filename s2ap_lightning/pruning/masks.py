@@ -20,8 +20,8 @@ def kept_count(numel: int, sparsity: float) -> int:
     ``sparsity`` is always the *pruned* fraction: 0.9 keeps 10 % of the weights. The count is
     ``round((1 - sparsity) * numel)`` exactly, as the method reference states; at extreme sparsity
     a small layer can therefore keep nothing. A network with an empty layer passes no signal (it
-    predicts a constant), so :class:`~s2ap_lightning.pruning.scores.ScoreSet` refuses such a sparsity
-    before training (:func:`largest_feasible_sparsity` says how far one can go).
+    predicts a constant), so every base method refuses such a sparsity when it is built, before
+    training (:func:`largest_feasible_sparsity` says how far one can go).
     """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity!r} must lie in [0, 1] (the pruned fraction)")

@@ -138,9 +138,10 @@ class S2APCLI(LightningCLI):
             keep["evaluation"] = command.get("evaluation")
             if self._given("threat"):
                 keep["threat"] = command.get("threat")
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        # As typed options (a checkpoint written from Python has no class path: the command's stays).
+        class_path = hparams.pop("_class_path", None) or self.config.get(f"{sub}.model.class_path")
+        model = {"class_path": class_path, "init_args": hparams}
+        self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
         for key, value in keep.items():
             if value is not None:
                 self.config[f"{sub}.model.init_args.{key}"] = value

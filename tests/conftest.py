@@ -9,13 +9,20 @@ import lightning as L
 import pytest
 import torch
 
+from s2ap_lightning.attacks import ThreatModel
+from s2ap_lightning.evaluation import EvalProtocol
+
 os.environ.setdefault("PYTHONHASHSEED", "0")
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 #: Stage settings that run in well under a second per epoch on synthetic data.
 FAST = dict(
-    model="small_cnn", num_classes=4, in_channels=3, eps=0.1, step_size=0.03, attack_steps=2, eval_pgd_steps=3
+    model="small_cnn",
+    num_classes=4,
+    in_channels=3,
+    threat=ThreatModel(eps=0.1, step_size=0.03, steps=2),
+    evaluation=EvalProtocol(pgd_steps=3),
 )
 
 

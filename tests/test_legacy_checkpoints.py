@@ -61,7 +61,6 @@ def test_s2ap_test_evaluates_a_legacy_checkpoint_at_its_trained_threat_model(tmp
     code = main(
         [
             "test",
-            "--data", "s2ap_lightning.data.RobustDataModule",
             "--data.dataset", "synthetic",
             "--data.synthetic_samples", "96",
             "--data.synthetic_image_size", "8",

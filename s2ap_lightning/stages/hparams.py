@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from s2ap_lightning.pruning.methods import LEGACY_KEYS as LEGACY_METHOD_KEYS
 from s2ap_lightning.pruning.methods import method_from_legacy
 
 #: Flat option -> (block, field) of the blocks that replaced them.
@@ -28,11 +29,6 @@ LEGACY_KEYS: dict[str, tuple[str, str]] = {
     "aa_batch_size": ("evaluation", "aa_batch_size"),
     "aa_seed": ("evaluation", "seed"),
 }
-
-#: Flat options of the mask search that now belong to its base method (``method``).
-LEGACY_METHOD_KEYS = (
-    "base_method", "scope", "min_layer_keep", "size_loss_weight", "rate_grad", "rate_bound", "density_tolerance",
-)  # fmt: skip
 
 #: Flat options that have no successor: the checks' fixed tolerance became a statistical test.
 RETIRED_KEYS = ("check_tolerance",)

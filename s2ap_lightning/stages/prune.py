@@ -184,19 +184,13 @@ class ScoreSpaceSAMPruner(RobustTask):
             )
         if "method" not in saved:
             return
-        old = method_from_config(saved["method"])
-        if type(old) is not type(self.method_spec):
+        differences = self.method_spec.mask_differences(method_from_config(saved["method"]))
+        for key, (mine, theirs) in differences.items():
+            option = "--model.method" if key == "method" else f"--model.method.{key}"
             raise ValueError(
-                f"method={self.method_spec.name!r} does not match the checkpoint's method={old.name!r}: "
-                f"the mask would differ from the searched one. Pass --model.method {old.name}"
+                f"{option.removeprefix('--model.')}={mine!r} does not match the checkpoint's {theirs!r}: "
+                f"the mask would differ from the searched one. Pass {option} {theirs}"
             )
-        for key in type(old).mask_defining:
-            mine, theirs = getattr(self.method_spec, key), getattr(old, key)
-            if mine != theirs:
-                raise ValueError(
-                    f"method.{key}={mine!r} does not match the checkpoint's {key}={theirs!r}: the mask "
-                    f"would differ from the searched one. Pass --model.method.{key} {theirs}"
-                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

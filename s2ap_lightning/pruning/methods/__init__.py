@@ -8,11 +8,6 @@ imported here so that they are registered whichever module of the package is imp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from torch import nn
-
 from s2ap_lightning.pruning.methods.base import (
     LEGACY_KEYS,
     METHODS,
@@ -33,38 +28,16 @@ from s2ap_lightning.pruning.methods.harp import Harp, HarpState
 BASE_METHODS = method_names()
 
 
-# ----------------------------------------------------------------- transitional
-# The mask-search stage still takes every method option as a flat argument. Until it takes
-# ``method: BaseMethod`` these two keep it working through the legacy mapping; delete them then.
-BaseMethodHooks = MethodState
-
-
-def check_method_options(base_method: str, options: Mapping[str, Any]) -> None:
-    """Transitional: validate flat options (``sparsity`` included); as before, every method's."""
-    method = method_from_legacy({**options, "base_method": base_method})
-    for cls in (Hydra, Harp):  # a bad value of either method's options fails whichever runs
-        cls(**{k: options[k] for k in LEGACY_KEYS[1:] if k in cls.option_names() and k in options})
-    method.check_sparsity(options["sparsity"])
-
-
-def build_method(base_method: str, model: nn.Module, options: Mapping[str, Any]) -> MethodState:
-    """Transitional: the method chosen by flat options, built over ``model``."""
-    return method_from_legacy({**options, "base_method": base_method}).build(model, options["sparsity"])
-
-
 __all__ = [
     "BASE_METHODS",
     "LEGACY_KEYS",
     "METHODS",
     "BaseMethod",
-    "BaseMethodHooks",
     "Harp",
     "HarpState",
     "Hydra",
     "HydraState",
     "MethodState",
-    "build_method",
-    "check_method_options",
     "method_class",
     "method_from_config",
     "method_from_legacy",

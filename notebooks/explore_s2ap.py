@@ -105,10 +105,11 @@ curves = {}
 for method in ("hydra", "s2ap"):
     ckpt = OUT / f"{method}_sp0.9" / "prune" / "best.ckpt"
     pruner = ScoreSpaceSAMPruner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    report = score_space_sharpness(pruner, x_val, y_val, gamma=0.01, max_iter=10 if FAST else 30)
+    objective = pruner.objective()  # the function the search minimised, for the analyses
+    report = score_space_sharpness(objective, x_val, y_val, gamma=0.01, max_iter=10 if FAST else 30)
     print(f"{method}: lambda_max {report.lambda_max:.4g}, worst-case loss increase {report.sharpness:.4g}")
     curves[method] = landscape_1d(
-        pruner, x_val, y_val, alphas=torch.linspace(-0.5, 0.5, 5 if FAST else 21).tolist()
+        objective, x_val, y_val, alphas=torch.linspace(-0.5, 0.5, 5 if FAST else 21).tolist()
     )
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -14,7 +14,7 @@ import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from torch import Tensor
@@ -69,8 +69,8 @@ def _fixed_subset(
     return split_tensors(dm.val_set if split == "val" else dm.test_set, images)
 
 
-def _pruner(path: str) -> tuple[Any, dict]:
-
+def _pruner(path: str) -> tuple[ScoreSpaceSAMPruner, dict]:
+    """A mask-search checkpoint's stage (in eval mode, on the CPU) and the checkpoint itself."""
     checkpoint = load_file(path)
     if not any(k.startswith("scores.") for k in checkpoint.get("state_dict", {})):
         raise ValueError(f"{path}: not a mask-search checkpoint (no scores); pass a prune-stage checkpoint")
@@ -161,7 +161,7 @@ def sharpness(
     refuse_existing(path, overwrite)
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
-    report = score_space_sharpness(pruner, x, y, gamma, max_iter, tol, seed)
+    report = score_space_sharpness(pruner.objective(), x, y, gamma, max_iter, tol, seed)
     path.write_text(
         json.dumps({**report.as_dict(), "checkpoint": checkpoint, "split": split}, indent=2) + "\n"
     )
@@ -207,7 +207,7 @@ def landscape(
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
     grid = np.linspace(-radius, radius, points)
-    land = (landscape_1d if dims == 1 else landscape_2d)(pruner, x, y, grid, seed=seed)
+    land = (landscape_1d if dims == 1 else landscape_2d)(pruner.objective(), x, y, grid, seed=seed)
     land.save(prefix)
     land.plot(prefix + ".png", f"{Path(checkpoint).parent.name}: {dims}-D score-space slice")
     print(f"written {prefix}.png and {prefix}.npz")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
+from s2ap_lightning.analysis.objective import SearchObjective, fixed_adversarial
 from s2ap_lightning.analysis.sharpness import hessian_max_eigenvalue, score_space_sharpness
 from s2ap_lightning.analysis.stability import (
     MaskHammingDistance,
@@ -47,7 +48,7 @@ def pruner(fast_kwargs):
 def test_score_space_sharpness_leaves_model_untouched(pruner):
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
     state = {k: v.clone() for k, v in pruner.state_dict().items()}
-    report = score_space_sharpness(pruner, x, y, gamma=0.05, max_iter=10)
+    report = score_space_sharpness(pruner.objective(), x, y, gamma=0.05, max_iter=10)
     assert np.isfinite(report.lambda_max) and np.isfinite(report.sharpness)
     assert report.n_images == 16 and report.worst_loss == pytest.approx(report.loss + report.sharpness)
     for k, v in pruner.state_dict().items():
@@ -58,7 +59,6 @@ def test_score_space_sharpness_leaves_model_untouched(pruner):
 def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
     import torch.nn.functional as F
 
-    from s2ap_lightning.analysis.objective import fixed_adversarial
     from s2ap_lightning.attacks.pgd import eval_mode
     from s2ap_lightning.pruning.masks import straight_through, topk_mask
     from s2ap_lightning.pruning.scores import masked_forward
@@ -68,9 +68,9 @@ def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
     with torch.no_grad():  # peaked outputs, so clean and adversarial predictions differ
         pruner.model.classifier.weight.mul_(30)
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
-    report = score_space_sharpness(pruner, x, y, gamma=0.05, max_iter=3, seed=3)
+    report = score_space_sharpness(pruner.objective(), x, y, gamma=0.05, max_iter=3, seed=3)
     # By hand: the loss's own adversary at s, then that loss of w * M(s) in eval mode.
-    x_adv = fixed_adversarial(pruner, x, y, seed=3)
+    x_adv = fixed_adversarial(pruner.objective(), x, y, seed=3)
     params = dict(pruner.model.named_parameters())
     counts = pruner.scores.kept_counts()
     weights = {
@@ -87,14 +87,125 @@ def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
 
 def test_landscape_centre_is_the_unperturbed_loss(pruner, tmp_path):
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
-    one = landscape_1d(pruner, x, y, alphas=[-0.5, 0.0, 0.5])
+    one = landscape_1d(pruner.objective(), x, y, alphas=[-0.5, 0.0, 0.5])
     assert one.flips[1] == 0 and one.flips[0] > 0 and one.flips[2] > 0
-    two = landscape_2d(pruner, x, y, alphas=[-0.5, 0.0, 0.5])
+    two = landscape_2d(pruner.objective(), x, y, alphas=[-0.5, 0.0, 0.5])
     assert two.loss.shape == (3, 3) and two.flips[1, 1] == 0
     assert two.loss[1, 1] == pytest.approx(one.loss[1], rel=1e-5)
     two.save(str(tmp_path / "l2"))
     two.plot(str(tmp_path / "l2.png"))
     assert (tmp_path / "l2.png").stat().st_size > 1000 and (tmp_path / "l2.npz").exists()
+
+
+class _OnlyTheProtocol:
+    """A base method reduced to the four operations of ``ScoreMethod``: no layer names, no indexing,
+    no module, so an analysis that reached past the protocol would fail on it."""
+
+    def __init__(self, method):
+        self._method = method
+
+    def items(self):
+        return self._method.items()
+
+    def masks(self):
+        return self._method.masks()
+
+    def effective_weights(self, model, masks, differentiable=True):
+        return self._method.effective_weights(model, masks, differentiable)
+
+    def weights_at(self, model, point, differentiable=True):
+        return self._method.weights_at(model, point, differentiable)
+
+
+def test_analyses_need_only_the_objective_and_the_method_protocol(pruner):
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    full = pruner.objective()
+    bare = SearchObjective(full.model, _OnlyTheProtocol(full.method), full.loss, full.adversary)
+    sharp_full = score_space_sharpness(full, x, y, gamma=0.05, max_iter=3, seed=1).as_dict()
+    sharp_bare = score_space_sharpness(bare, x, y, gamma=0.05, max_iter=3, seed=1).as_dict()
+    assert sharp_bare == pytest.approx(sharp_full, rel=1e-6)
+    slice_full = landscape_1d(full, x, y, alphas=[-0.5, 0.0, 0.5], seed=1)
+    slice_bare = landscape_1d(bare, x, y, alphas=[-0.5, 0.0, 0.5], seed=1)
+    np.testing.assert_allclose(slice_bare.loss, slice_full.loss, rtol=1e-6)
+    np.testing.assert_array_equal(slice_bare.flips, slice_full.flips)
+
+
+@pytest.mark.parametrize("base_method", ["hydra", "harp"])
+def test_objective_is_the_function_the_stage_searches_and_evaluates(fast_kwargs, base_method):
+    torch.manual_seed(0)
+    pruner = ScoreSpaceSAMPruner(sparsity=0.7, base_method=base_method, robust_loss="trades", **fast_kwargs)
+    objective = pruner.objective()
+    assert objective.model is pruner.model and objective.loss is pruner.robust_loss
+    assert objective.adversary == pruner.train_attack and objective.adversary.eps == fast_kwargs["eps"]
+    evaluated, expected = objective.evaluated_weights(), pruner.weights_for_eval()
+    assert evaluated.keys() == expected.keys()
+    for name, weight in evaluated.items():
+        assert torch.equal(weight, expected[name]) and not weight.requires_grad, name
+
+
+def test_search_objective_refuses_a_method_without_the_mask_operations(pruner):
+    full = pruner.objective()
+
+    class NoWeightsAt:
+        items, masks = full.method.items, full.method.masks
+
+    with pytest.raises(TypeError, match="NoWeightsAt lacks effective_weights, weights_at"):
+        SearchObjective(full.model, NoWeightsAt(), full.loss, full.adversary)
+
+
+def test_mask_tracker_logs_and_saves_the_mask_of_every_epoch(tmp_path, fast_kwargs, trainer_factory):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from s2ap_lightning.stages.callbacks import MaskStabilityCallback
+
+    torch.manual_seed(0)
+    pruner = ScoreSpaceSAMPruner(sparsity=0.7, warmup_epochs=0, lr=1.0, **fast_kwargs)
+    tracker = MaskStabilityCallback(dirpath=str(tmp_path))
+    loader = DataLoader(TensorDataset(torch.rand(32, 3, 8, 8), torch.randint(0, 4, (32,))), batch_size=16)
+    trainer = trainer_factory(max_epochs=2, limit_val_batches=0, callbacks=[tracker])
+    trainer.fit(pruner, train_dataloaders=loader)
+    # The configured tracker replaced the stage's default one rather than running beside it.
+    assert [c for c in trainer.callbacks if isinstance(c, MaskStabilityCallback)] == [tracker]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_000.pt", "epoch_001.pt", "init.pt"]
+    saved = [load_masks(tmp_path / f"{tag}.pt") for tag in ("init", "epoch_000", "epoch_001")]
+    assert [h["epoch"] for h in tracker.history] == [0, 1]
+    for entry, before, after in zip(tracker.history, saved[:-1], saved[1:], strict=True):
+        total, per_layer = hamming(before, after)
+        assert entry["hamming"] == total and entry["per_layer"] == per_layer
+    assert tracker.history[0]["hamming"] > 0, "the scores moved: some weights changed sides"
+    final = pruner.objective().method.masks()
+    assert all(torch.equal(saved[-1][n].bool(), m.bool()) for n, m in final.items())
+    assert trainer.callback_metrics["mask/hamming"] == pytest.approx(tracker.history[-1]["hamming"])
+
+
+def test_the_old_tracker_path_names_the_new_one():
+    import s2ap_lightning.analysis.stability as stability
+
+    new_path = r"class_path: s2ap_lightning\.stages\.callbacks\.MaskStabilityCallback"
+    with pytest.warns(FutureWarning, match=new_path), pytest.raises(ImportError, match=new_path):
+        from s2ap_lightning.analysis.stability import MaskStabilityCallback  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        stability.not_a_name  # noqa: B018
+
+
+@pytest.mark.parametrize("package", ["analysis.stability", "stages.callbacks"])
+def test_a_config_naming_the_tracker_parses_or_says_where_it_went(tmp_path, capsys, package):
+    from s2ap_lightning.cli import main
+
+    config = tmp_path / "tracker.yaml"
+    config.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: s2ap_lightning.{package}.MaskStabilityCallback\n"
+        "      init_args:\n        save_masks: false\n"
+    )
+    argv = ["fit", "--model", "ScoreSpaceSAMPruner", "--config", str(config), "--print_config"]
+    if package == "stages.callbacks":
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code in (0, None)
+        assert "class_path: s2ap_lightning.stages.callbacks.MaskStabilityCallback" in capsys.readouterr().out
+        return
+    with pytest.warns(FutureWarning, match="s2ap_lightning.stages.callbacks.MaskStabilityCallback"):
+        assert main(argv) != 0
 
 
 def test_hamming_metric_and_packing(tmp_path):
@@ -105,6 +216,12 @@ def test_hamming_metric_and_packing(tmp_path):
     metric = MaskHammingDistance()
     metric.update(a["l1"], b["l1"])
     assert float(metric.compute()) == 0.25
+    metric.update(a["l2"], b["l2"])
+    assert float(metric.compute()) == pytest.approx(total)
+    with pytest.raises(ValueError, match="mask shapes differ"):
+        metric.update(a["l1"], b["l2"])
+    with pytest.raises(ValueError, match="different layers"):
+        hamming(a, {"l1": b["l1"]})
     assert all(torch.equal(unpack_masks(pack_masks(a))[k], a[k]) for k in a)
     torch.save({"format": "s2ap-packed-masks", "masks": pack_masks(a)}, tmp_path / "a.pt")
     assert torch.equal(load_masks(tmp_path / "a.pt")["l2"], a["l2"])

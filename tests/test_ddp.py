@@ -221,7 +221,7 @@ class DivergingPruner(ScoreSpaceSAMPruner):
 
 
 def test_masks_that_differ_between_ranks_stop_the_run(tmp_path):
-    from s2ap_lightning.analysis.stability import MaskStabilityCallback
+    from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 
     pruner = DivergingPruner(
         model="small_cnn", num_classes=4, in_channels=3, eps=0.1, step_size=0.03, attack_steps=1,

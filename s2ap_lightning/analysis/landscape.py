@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from s2ap_lightning.analysis.objective import fixed_adversarial, robust_loss_at
+from s2ap_lightning.analysis.objective import SearchObjective, fixed_adversarial, robust_loss_at
 from s2ap_lightning.analysis.plotting import subplots
 from s2ap_lightning.attacks.pgd import eval_mode
 
@@ -68,49 +68,65 @@ class Landscape:
         fig.savefig(path, dpi=120)
 
 
+def _current_scores(objective: SearchObjective) -> dict[str, Tensor]:
+    """The scores ``s`` the slices are centred on, cut from the graph (no analysis trains them)."""
+    return {n: s.detach() for n, s in objective.method.items()}
+
+
 def _grid_loss(
-    pruner, x: Tensor, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]
-) -> tuple[list, list]:
+    objective: SearchObjective, x: Tensor, x_adv: Tensor, y: Tensor, offsets: list[dict[str, Tensor]]
+) -> tuple[list[float], list[int]]:
     """The search's robust loss at ``s + offset`` (masks by the base method) and the mask flips."""
-    scores = {n: s.detach() for n, s in pruner.scores.items()}
-    with torch.no_grad(), eval_mode(pruner.model):
-        base = pruner.scores.masks()
+    scores = _current_scores(objective)
+    with torch.no_grad(), eval_mode(objective.model):
+        base = objective.method.masks()
         losses, flips = [], []
         for off in offsets:
             point = {n: s + off[n] for n, s in scores.items()}
-            loss, masks = robust_loss_at(pruner, point, x, x_adv, y, differentiable=False)
+            loss, masks = robust_loss_at(objective, point, x, x_adv, y, differentiable=False)
             losses.append(float(loss))
             flips.append(sum(int((masks[n] != base[n]).sum()) for n in scores))
     return losses, flips
 
 
 def landscape_1d(
-    pruner, x: Tensor, y: Tensor, alphas: Sequence[float] = tuple(np.linspace(-1, 1, 21)), seed: int = 0
+    objective: SearchObjective,
+    x: Tensor,
+    y: Tensor,
+    alphas: Sequence[float] = tuple(np.linspace(-1, 1, 21)),
+    seed: int = 0,
 ) -> Landscape:
-    """Robust loss of ``w * M(s + a * d)`` for a random per-layer-normalised direction ``d``."""
-    x_adv = fixed_adversarial(pruner, x, y, seed)
-    scores = {n: s.detach() for n, s in pruner.scores.items()}
+    """Robust loss of ``w * M(s + a * d)`` for a random per-layer-normalised direction ``d``.
+
+    ``objective`` is the search's (``pruner.objective()``); its loss is taken on adversarial
+    examples crafted once at ``s``, so the slice shows the scores' effect alone.
+    """
+    x_adv = fixed_adversarial(objective, x, y, seed)
+    scores = _current_scores(objective)
     d = random_direction(scores, seed)
     offsets = [{n: a * d[n] for n in scores} for a in alphas]
-    loss, flips = _grid_loss(pruner, x, x_adv, y, offsets)
+    loss, flips = _grid_loss(objective, x, x_adv, y, offsets)
     return Landscape(list(map(float, alphas)), None, np.array(loss), np.array(flips), {"n_images": len(x)})
 
 
 def landscape_2d(
-    pruner,
+    objective: SearchObjective,
     x: Tensor,
     y: Tensor,
     alphas: Sequence[float] = tuple(np.linspace(-1, 1, 11)),
     betas: Sequence[float] | None = None,
     seed: int = 0,
 ) -> Landscape:
-    """Robust loss on the plane spanned by two random per-layer-normalised directions."""
+    """Robust loss on the plane spanned by two random per-layer-normalised directions.
+
+    As :func:`landscape_1d`; ``betas`` (default: ``alphas``) are the steps along the second one.
+    """
     betas = list(alphas) if betas is None else list(betas)
-    x_adv = fixed_adversarial(pruner, x, y, seed)
-    scores = {n: s.detach() for n, s in pruner.scores.items()}
+    x_adv = fixed_adversarial(objective, x, y, seed)
+    scores = _current_scores(objective)
     d1, d2 = random_direction(scores, seed), random_direction(scores, seed + 1)
     offsets = [{n: a * d1[n] + b * d2[n] for n in scores} for a in alphas for b in betas]
-    loss, flips = _grid_loss(pruner, x, x_adv, y, offsets)
+    loss, flips = _grid_loss(objective, x, x_adv, y, offsets)
     shape = (len(alphas), len(betas))
     return Landscape(
         list(map(float, alphas)),

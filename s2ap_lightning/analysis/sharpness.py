@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from s2ap_lightning.analysis.objective import fixed_adversarial, robust_loss_at
+from s2ap_lightning.analysis.objective import SearchObjective, fixed_adversarial, robust_loss_at
 from s2ap_lightning.attacks.pgd import eval_mode
 from s2ap_lightning.pruning.perturbation import score_perturbation
 
@@ -84,7 +84,7 @@ class SharpnessReport:
 
 
 def score_space_sharpness(
-    pruner: torch.nn.Module,
+    objective: SearchObjective,
     x: Tensor,
     y: Tensor,
     gamma: float = 0.01,
@@ -95,21 +95,23 @@ def score_space_sharpness(
     """Top Hessian eigenvalue of the robust loss w.r.t. the scores, and the direct sharpness.
 
     The direct sharpness is ``L(s + z) - L(s)`` with ``z`` S2AP's one-step worst per-layer
-    perturbation of budget ``gamma``. ``pruner`` is a :class:`ScoreSpaceSAMPruner` (its ``model``,
-    ``scores`` and training attack are used). Adversarial examples: PGD on the masked model at ``s``.
+    perturbation of budget ``gamma``. ``objective`` is the search's (``pruner.objective()``): its
+    model, base method, robust loss and training adversary. Adversarial examples: that loss's own
+    attack on the masked model at ``s``, crafted once.
     """
-    model, scores = pruner.model, pruner.scores
-    names = list(scores.names)
-    x_adv = fixed_adversarial(pruner, x, y, seed)
+    model = objective.model
+    current = [(n, s.detach()) for n, s in objective.method.items()]
+    names = [n for n, _ in current]
+    x_adv = fixed_adversarial(objective, x, y, seed)
     with eval_mode(model):
 
         def robust_loss(score_list: Sequence[Tensor]) -> Tensor:
             point = dict(zip(names, score_list, strict=True))
-            return robust_loss_at(pruner, point, x, x_adv, y)[0]
+            return robust_loss_at(objective, point, x, x_adv, y)[0]
 
         with torch.enable_grad():
-            eig = hessian_max_eigenvalue(robust_loss, [scores[n] for n in names], max_iter, tol, seed)
-            point = [scores[n].detach().clone().requires_grad_(True) for n in names]
+            eig = hessian_max_eigenvalue(robust_loss, [s for _, s in current], max_iter, tol, seed)
+            point = [s.clone().requires_grad_(True) for _, s in current]
             loss = robust_loss(point)
             grads = torch.autograd.grad(loss, point)
         z = score_perturbation(

@@ -19,7 +19,6 @@ import torch
 from s2ap_lightning.analysis.report import RESULTS_COLUMNS as COLUMNS
 from s2ap_lightning.analysis.report import write_report
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
-from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import atomic_torch_save, load_file
 from s2ap_lightning.data import RobustDataModule, split_tensors
@@ -27,6 +26,7 @@ from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy
 from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
 from s2ap_lightning.jobs.common import record_figures, stage_trainer
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
+from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 
 
 @dataclass
@@ -145,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
 
         # Score-space sharpness of the searched scores, on a fixed validation subset.
         sharp = score_space_sharpness(
-            pruner.eval(), x_val, y_val, gamma=cfg.gamma or 0.01, max_iter=20, seed=cfg.seed
+            pruner.eval().objective(), x_val, y_val, gamma=cfg.gamma or 0.01, max_iter=20, seed=cfg.seed
         )
 
         # Mask robust accuracy: the pretrained weights under the searched mask, before finetuning.

@@ -36,7 +36,6 @@ import torch
 import yaml
 
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
-from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.pgd import AttackConfig
 from s2ap_lightning.checkpoint import load_file, model_state_dict
 from s2ap_lightning.data import RobustDataModule, split_tensors
@@ -47,6 +46,7 @@ from s2ap_lightning.jobs.common import record_figures, stage_trainer
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.base import ATTACK_PRECISIONS
+from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 
@@ -356,7 +356,7 @@ def _search(spec: StudySpec, cell: Cell, ctx: _Context, folder: Path) -> dict[st
         best = ScoreSpaceSAMPruner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
         n = min(spec.sharpness_images, len(ctx.x_val))
         sharp = score_space_sharpness(
-            best,
+            best.objective(),
             ctx.x_val[:n],
             ctx.y_val[:n],
             gamma=max(cell.gamma, 0.01),

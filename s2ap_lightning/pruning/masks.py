@@ -1,4 +1,4 @@
-"""Top-k masks over importance scores and the straight-through estimator.
+"""Top-k masks over importance scores, the straight-through estimator, and distances between masks.
 
 The mask is a pure function of the scores. Everything here is written so that a caller can compute
 it once per optimiser step and reuse it for every forward of that step (the attack iterations
@@ -8,7 +8,7 @@ included); the reference implementations of HYDRA and HARP sort the scores on ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -110,3 +110,25 @@ def topk_masks(scores: Sequence[Tensor], counts: Sequence[int]) -> list[Tensor]:
     mask = torch.zeros_like(values)
     mask[order] = keep.to(values.dtype)
     return [m.view_as(s) for m, s in zip(mask.split(sizes), scores, strict=True)]
+
+
+def mask_flips(previous: Tensor, current: Tensor) -> Tensor:
+    """Number of weights kept by one of two masks of the same layer and pruned by the other."""
+    if previous.shape != current.shape:
+        raise ValueError(f"mask shapes differ: {tuple(previous.shape)} vs {tuple(current.shape)}")
+    return (previous.bool() != current.bool()).sum()
+
+
+def hamming_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """Global and per-layer normalised Hamming distance between two mask sets.
+
+    Flips divided by the number of prunable weights: the mask-stability measure of the S2AP paper
+    (fewer flips between epochs or seeds for a sharpness-aware search). The global figure weighs
+    every weight equally, so large layers dominate it; the per-layer figures show the small ones.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"mask sets cover different layers: {sorted(set(a) ^ set(b))}")
+    flips = {name: int(mask_flips(a[name], b[name])) for name in a}
+    sizes = {name: a[name].numel() for name in a}
+    per_layer = {name: flips[name] / max(sizes[name], 1) for name in a}
+    return sum(flips.values()) / max(sum(sizes.values()), 1), per_layer

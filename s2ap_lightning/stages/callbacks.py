@@ -1,9 +1,9 @@
-"""The stages' callbacks: checkpoints (the best by validation robust accuracy, and the last),
-exact resume, SLURM requeue, per-epoch summaries and sparsity logs.
+"""The stages' callbacks: checkpoints, exact resume, SLURM requeueing, logs and the mask tracker.
 
-Two callbacks rather than ``save_last=True``: since Lightning 2.6, ``save_last`` only writes when the
-monitored checkpoint was written in the same step, so a run whose robust accuracy stopped improving
-would resume from a stale "last" checkpoint.
+Checkpoints every stage uses: the best by validation robust accuracy, and the last. Two callbacks
+rather than ``save_last=True``: since Lightning 2.6, ``save_last`` only writes when the monitored
+checkpoint was written in the same step, so a run whose robust accuracy stopped improving would
+resume from a stale "last" checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import Tensor
+from torch.distributed import ReduceOp
+
+from s2ap_lightning.checkpoint import atomic_torch_save
+from s2ap_lightning.pruning.fixed_masks import PACKED_FORMAT, pack_masks
+from s2ap_lightning.pruning.masks import hamming_distance
 
 from s2ap_lightning.pruning.scores import prunable_weight_names
 
@@ -325,3 +331,81 @@ class SparsityLog(L.Callback):
                 zeros, total = zeros + z, total + w.numel()
                 pl_module.log(f"sparsity/{name}", z / w.numel(), sync_dist=True)
             pl_module.log("sparsity/global", zeros / max(total, 1), sync_dist=True)
+
+
+class MaskStabilityCallback(L.Callback):
+    """Logs, every mask-search epoch, the Hamming distance to the previous epoch's mask.
+
+    Logged as ``mask/hamming`` (global) and ``mask/hamming/<layer>``; masks are saved per epoch as
+    packed bits under ``dirpath`` (default: ``<log dir>/masks``, nothing saved without a logger), as
+    ``init.pt`` (the mask search's starting mask) and ``epoch_NNN.pt``. The search module must offer
+    ``objective()`` (``ScoreSpaceSAMPruner`` does); its base method computes the masks.
+    """
+
+    def __init__(self, dirpath: str | None = None, save_masks: bool = True) -> None:
+        self.dirpath = dirpath
+        self.save_masks = save_masks
+        self.previous: dict[str, Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def _masks(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {n: m.detach().cpu() for n, m in pl_module.objective().method.masks().items()}
+
+    def _save(self, trainer: L.Trainer, masks: dict[str, Tensor], tag: str) -> None:
+        if not self.save_masks:
+            return
+        if self.dirpath is None and trainer.logger is None:
+            return  # no logger and no folder given: nowhere sensible to write
+        # `trainer.log_dir` is a collective under DDP (a broadcast from rank 0): every rank reads it,
+        # and only then does rank 0 alone write. Reading it on rank 0 only hangs a multi-process run.
+        root = Path(self.dirpath or Path(trainer.log_dir) / "masks")
+        if not trainer.is_global_zero:
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"format": PACKED_FORMAT, "masks": pack_masks(masks)}, root / f"{tag}.pt")
+
+    @staticmethod
+    def _check_ranks_agree(trainer: L.Trainer, masks: dict[str, Tensor]) -> None:
+        """Under data parallelism every rank must hold the same mask; fail loudly if not.
+
+        Two all-reduces (max and min) of a per-rank fingerprint per epoch, on every rank. A divergence
+        would mean each rank trains and saves a different network while the run looks healthy.
+        """
+        if trainer.world_size < 2:
+            return
+        fingerprint = torch.zeros(2, dtype=torch.float64)
+        for i, name in enumerate(sorted(masks)):
+            kept = masks[name].flatten().to(torch.float64)
+            positions = torch.arange(1, kept.numel() + 1, dtype=torch.float64)
+            fingerprint += torch.stack([kept.sum(), (kept * positions).sum() * (i + 1)])
+        fingerprint = fingerprint.to(trainer.strategy.root_device)
+        highest = trainer.strategy.reduce(fingerprint.clone(), reduce_op=ReduceOp.MAX)
+        lowest = -trainer.strategy.reduce(-fingerprint, reduce_op=ReduceOp.MAX)
+        if not torch.equal(highest, lowest):
+            raise RuntimeError(
+                f"the masks differ between ranks at epoch {trainer.current_epoch} (mask fingerprints "
+                f"from {lowest.tolist()} to {highest.tolist()}): the ranks no longer train the same network"
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.previous = self._masks(pl_module)
+        if trainer.current_epoch == 0:
+            self._save(trainer, self.previous, "init")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        current = self._masks(pl_module)
+        self._check_ranks_agree(trainer, current)
+        distance, per_layer = hamming_distance(self.previous, current)
+        pl_module.log("mask/hamming", distance, sync_dist=True)
+        for name, value in per_layer.items():
+            pl_module.log(f"mask/hamming/{name}", value, sync_dist=True)
+        self.history.append({"epoch": trainer.current_epoch, "hamming": distance, "per_layer": per_layer})
+        self._save(trainer, current, f"epoch_{trainer.current_epoch:03d}")
+        self.previous = current
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -22,15 +22,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from s2ap_lightning.analysis.stability import MaskStabilityCallback
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.checkpoint import report_init_from
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.models.batchnorm import BATCHNORM_TYPES, batchnorm_layers, frozen_bn_statistics
 from s2ap_lightning.pruning.methods import BaseMethod, method_from_config, method_from_legacy
+from s2ap_lightning.pruning.objective import SearchObjective
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation
 from s2ap_lightning.pruning.scores import exact_zero_fraction
 from s2ap_lightning.stages.base import RobustTask, saved_stage
+from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 from s2ap_lightning.stages.hparams import LEGACY_METHOD_KEYS, upgrade_checkpoint_hparams
 
 
@@ -305,3 +306,12 @@ class ScoreSpaceSAMPruner(RobustTask):
     def within_budget(self) -> bool:
         """Whether this epoch's mask may become ``best.ckpt`` (see ``BestCheckpoint``); the method says."""
         return self.method.within_budget()
+
+    def objective(self) -> SearchObjective:
+        """What this search minimises, for the analyses and the mask tracker, without the stage.
+
+        The plain model, the base method (scores and masks), the robust loss and its training
+        adversary: an analysis of a checkpoint measures exactly the search's function, and depends
+        on this value rather than on the Lightning module.
+        """
+        return SearchObjective(self.model, self.method, self.robust_loss, self.threat)

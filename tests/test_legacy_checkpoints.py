@@ -31,7 +31,9 @@ def test_flat_threat_and_evaluation_options_map_into_the_blocks():
     assert isinstance(module.hparams["evaluation"], dict)
 
 
-@pytest.mark.parametrize(("name", "kind", "options"), [("s2ap_hydra", Hydra, {}), ("s2ap_harp", Harp, {"rate_bound": 5.0})])
+@pytest.mark.parametrize(
+    ("name", "kind", "options"), [("s2ap_hydra", Hydra, {}), ("s2ap_harp", Harp, {"rate_bound": 5.0})]
+)
 def test_mask_search_checkpoints_keep_their_method_and_masks(name, kind, options):
     path = LEGACY / f"{name}.ckpt"
     saved = torch.load(path, weights_only=True)
@@ -84,7 +86,11 @@ def test_s2ap_test_evaluates_a_legacy_checkpoint_at_its_trained_threat_model(tmp
 
 def test_init_from_a_legacy_search_checkpoint(tmp_path):
     finetuner = MaskedFinetuner(
-        model="small_cnn", num_classes=4, in_channels=3, image_size=8, init_from=str(LEGACY / "s2ap_hydra.ckpt")
+        model="small_cnn",
+        num_classes=4,
+        in_channels=3,
+        image_size=8,
+        init_from=str(LEGACY / "s2ap_hydra.ckpt"),
     )
     finetuner.setup("fit")
     saved = torch.load(LEGACY / "s2ap_hydra.ckpt", weights_only=True)

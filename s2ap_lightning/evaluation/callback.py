@@ -81,8 +81,7 @@ def threat_model_line(threat: ThreatModel, protocol: EvalProtocol, trained: dict
 
 
 def trained_threat(trained: dict[str, Any]) -> dict[str, Any]:
-    """The threat model a checkpoint's hyper-parameters say it was trained at (``threat`` block, or
-    the flat ``eps``/``step_size``/``attack_steps``/``norm`` of checkpoints written before the block)."""
+    """The threat model a checkpoint was trained at: its ``threat`` block, or older flat keys."""
     block = trained.get("threat")
     if isinstance(block, dict):
         return {k: block.get(k) for k in ("norm", "eps", "step_size", "steps")}

@@ -29,7 +29,6 @@ from torch.distributed import ReduceOp
 from s2ap_lightning.checkpoint import atomic_torch_save
 from s2ap_lightning.pruning.fixed_masks import PACKED_FORMAT, pack_masks
 from s2ap_lightning.pruning.masks import hamming_distance
-
 from s2ap_lightning.pruning.scores import prunable_weight_names
 
 BEST = dict(

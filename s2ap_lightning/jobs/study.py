@@ -45,8 +45,8 @@ from s2ap_lightning.export import plain_model
 from s2ap_lightning.jobs.common import record_figures, stage_trainer
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
-from s2ap_lightning.stages.base import ATTACK_PRECISIONS
 from s2ap_lightning.stages.callbacks import MaskStabilityCallback
+from s2ap_lightning.stages.training import ATTACK_PRECISIONS
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 

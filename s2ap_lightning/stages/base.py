@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from s2ap_lightning.attacks import ThreatModel, attack_context, build_robust_loss, eval_mode, pgd_ce
+from s2ap_lightning.attacks import ThreatModel, build_robust_loss
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.checkpoint import check_loadable, load_weights
 from s2ap_lightning.checks import check_range
@@ -34,43 +34,40 @@ from s2ap_lightning.stages.callbacks import (
     SparsityLog,
 )
 from s2ap_lightning.stages.hparams import as_block, block_dict, split_legacy, upgrade_checkpoint_hparams
-
-#: Seed of the validation attack's random starts (plus the batch index); see ``validation_step``.
-VALIDATION_SEED = 0
-
-#: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
-ATTACK_PRECISIONS = ("fp32", "training")
+from s2ap_lightning.stages.training import (
+    ATTACK_PRECISIONS,
+    check_same_data,
+    check_trainer_settings,
+    log_training,
+    validate,
+)
 
 
 class RobustTask(L.LightningModule):
-    """Base class of the stages.
+    """Base class of the stages: the plain model, the threat model, the robust loss, SGD + cosine.
 
     Args:
         model: architecture name (``small_cnn``, ``mlp``, ``resnet18``, ``vgg16_bn``, ``wrn28_4``, ...).
-        num_classes: output classes (linked from the DataModule by the CLI).
-        in_channels: input channels (linked from the DataModule by the CLI).
-        image_size: input side (linked from the DataModule by the CLI; the ViT needs it).
-        mean: per-channel input mean for normalisation inside the model (None: no normalisation).
+        num_classes: output classes (the CLI links ``num_classes``, ``in_channels`` and ``image_size``
+            from the DataModule).
+        in_channels: input channels.
+        image_size: input side (the ViT needs it).
+        mean: per-channel input mean, normalised inside the model (None: no normalisation).
         std: per-channel input std, with ``mean``.
-        threat: the threat model of training, validation and (unless told otherwise) ``s2ap test``:
-            ``--model.threat.eps 0.1 --model.threat.step_size 0.025 --model.threat.steps 10``.
+        threat: threat model of training, validation and (unless told otherwise) ``s2ap test``.
         robust_loss: ``pgd_at``, ``trades`` or ``mart``.
         beta: TRADES/MART trade-off.
-        evaluation: how ``s2ap test`` evaluates (PGD steps, AutoAttack sample, checks):
-            ``--model.evaluation.aa_images 10000``.
+        evaluation: how ``s2ap test`` evaluates (PGD steps, AutoAttack sample, seed, checks).
         lr: SGD learning rate (cosine-annealed per epoch).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        init_from: checkpoint of the previous stage, or a plain state dict, loaded before training;
-            distinct from the Trainer's ``ckpt_path``, which resumes this same stage.
+        init_from: the previous stage's checkpoint or a plain state dict, loaded before training
+            (the Trainer's ``ckpt_path`` resumes this same stage instead).
         channels_last: NHWC memory format for model and inputs (faster convolutions on recent GPUs).
-        attack_precision: precision of the training attacks: ``fp32`` (autocast off, the default)
-            or ``training`` (the Trainer's precision: bf16 autocast under ``bf16-mixed``). Validation,
-            ``s2ap test`` and the analyses always attack in fp32, so evaluations never depend on it.
-        compile: run the model through ``torch.compile`` in training attacks and losses (masks stay
-            functional, so a new mask never recompiles); where unsupported, training runs eager.
-        **legacy: the flat options of checkpoints written before the typed blocks (``eps``,
-            ``eval_pgd_steps``, ``aa_seed``, ...): mapped into ``threat`` / ``evaluation``.
+        attack_precision: training attacks in ``fp32`` (default) or at the Trainer's precision
+            (``training``); validation, ``s2ap test`` and the analyses always attack in fp32.
+        compile: ``torch.compile`` the model in training attacks and losses (eager where unsupported).
+        **legacy: flat options of checkpoints older than the blocks (``eps``, ``aa_seed``, ...).
 
     """
 
@@ -135,8 +132,7 @@ class RobustTask(L.LightningModule):
     def configure_models(self) -> None:
         hp = self.hparams
         self.model = build_model(hp.model, hp.num_classes, hp.in_channels, hp.mean, hp.std, hp.image_size)
-        # How training attacks and losses call the model (eager or compiled); not a submodule, so
-        # the state dict stays the plain model's.
+        # How training attacks and losses call the model (eager or compiled); not a submodule.
         self.forward_fn = ModelForward(self.model, compile=hp.compile)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -159,22 +155,12 @@ class RobustTask(L.LightningModule):
     # ----------------------------------------------------------------- stage hand-off
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Checks that need the Trainer's settings; the CLI runs them before anything is written."""
-        epochs = trainer.max_epochs
-        if epochs is not None and (epochs == 0 or epochs < -1):
-            raise ValueError(
-                f"trainer.max_epochs={epochs} is out of range: valid are >= 1, or -1 with max_steps"
-            )
-        if self.hparams.attack_precision == "training" and str(trainer.precision) == "16-mixed":
-            raise ValueError(
-                f"attack_precision='training' with trainer.precision={trainer.precision!r}: fp16 attacks "
-                "have no loss scaling, so input gradients underflow; use precision bf16-mixed or "
-                "attack_precision fp32"
-            )
+        check_trainer_settings(trainer, self.hparams.attack_precision)
 
     def preflight(self, trainer: L.Trainer, stage: str, from_checkpoint: bool = False) -> None:
-        """Every check that can fail a run, done before the Trainer writes anything (logs, configs).
+        """Every check that can fail a run, before the Trainer writes anything.
 
-        ``from_checkpoint``: the run restores this stage's own checkpoint, so ``init_from`` is not read.
+        ``from_checkpoint``: this stage's own checkpoint is restored, so ``init_from`` is not read.
         """
         if stage == "fit":
             self.check_trainer(trainer)
@@ -184,33 +170,14 @@ class RobustTask(L.LightningModule):
             checkpoint, weights = check_loadable(self.model, self.hparams.init_from)
             self.check_handoff(checkpoint, weights)
 
-    #: What the data decides about a model: a source trained on other data does not fit this run.
-    DATA_KEYS = ("image_size", "in_channels", "num_classes")
-
     def check_handoff(self, checkpoint: Any, weights: Mapping[str, Tensor]) -> None:
-        """Fail on a previous stage trained on other data (the weights may fit while the inputs do not).
-
-        An 8x8-digits checkpoint loads into a 28x28 model whose layers have the same shapes; the
-        checkpoint's hyper-parameters say what it was trained on. Stages add their own checks.
-        """
-        saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        if not isinstance(saved, dict):
-            return  # a plain state dict (ours or a reference's) says nothing about its data
-        for key in self.DATA_KEYS:
-            if key in saved and saved[key] != self.hparams[key]:
-                raise ValueError(
-                    f"init_from={self.hparams.init_from!r} was trained with {key}={saved[key]}, but this "
-                    f"run's data gives {key}={self.hparams[key]}: pass a checkpoint trained on this data "
-                    "(or the data it was trained on)"
-                )
+        """Fail on a previous stage trained on other data; stages add checks of their own."""
+        check_same_data(self.hparams.init_from, checkpoint, self.hparams)
 
     def loads_init_from(self) -> bool:
-        """Whether ``init_from`` is to be loaded: not when this stage's own checkpoint is restored.
+        """Whether ``init_from`` is loaded: not when this stage's own checkpoint replaces it.
 
-        Lightning calls ``setup`` before it restores ``--ckpt_path``, whose state replaces whatever
-        ``init_from`` would give, and the file ``init_from`` names may not even exist any more: the
-        CLI says so through :meth:`preflight` (a Python caller's ``ckpt_path`` is only known later,
-        so there ``init_from`` is read and then replaced).
+        Lightning restores ``ckpt_path`` after ``setup``; the CLI says so through :meth:`preflight`.
         """
         return bool(self.hparams.init_from) and not self._restored
 
@@ -251,41 +218,9 @@ class RobustTask(L.LightningModule):
         autocast = self.hparams.attack_precision == "training"
         return self.robust_loss.adversarial(model_fn, x, y, self.threat, self.model, autocast=autocast)
 
-    def logs_this_step(self) -> bool:
-        """Whether Lightning writes this step's logged values (every ``log_every_n_steps``).
-
-        Training clean accuracy costs an extra forward for losses that do not compute clean logits
-        (PGD-AT); it is computed only on the steps whose values reach the logger: Lightning's test
-        (``LoggerConnector.should_update_logs``), with ``global_step`` for its count of stepped batches.
-        """
-        if self._trainer is None:
-            return True
-        every = int(self.trainer.log_every_n_steps)
-        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
-
     def log_training(self, out: LossOutput, y: Tensor, clean_logits: Callable[[], Tensor]) -> None:
-        """Log loss, clean and robust training accuracy; stop on a non-finite loss.
-
-        Clean accuracy reuses the loss's clean logits where it has them (TRADES, MART); otherwise
-        ``clean_logits`` is called without gradients and in eval mode (BatchNorm statistics untouched).
-        """
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite training loss {loss.item()} at epoch "
-                f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept. "
-                "Lower the learning rate or check the data."
-            )
-        self.train_robust_acc(out.logits_adv.detach(), y)
-        clean = out.logits_clean
-        if clean is None and self.logs_this_step():
-            with torch.no_grad(), eval_mode(self.model):
-                clean = clean_logits()
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/robust_acc", self.train_robust_acc)
-        if clean is not None:
-            self.train_clean_acc(clean.detach(), y)
-            self.log("train/clean_acc", self.train_clean_acc)
+        """Log loss, clean and robust accuracy; stop on a non-finite loss (:func:`.training.log_training`)."""
+        log_training(self, out, y, clean_logits)
 
     # ----------------------------------------------------------------- evaluation
     def evaluated_weights(self) -> Mapping[str, Tensor]:
@@ -300,35 +235,11 @@ class RobustTask(L.LightningModule):
         return masked_forward(self.model, self.evaluated_weights(), x)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Clean and PGD accuracy (the training attack) of the evaluated network: model selection.
-
-        The attack's random starts come from a generator of their own, seeded by the batch index: the
-        training stream of random numbers never depends on whether (or how often) validation ran, so
-        a resumed run draws the same attack starts as an uninterrupted one, and every epoch's
-        validation uses the same starts (epochs are compared on the same attack).
-        """
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), attack_context(self.model):
-            torch.manual_seed(VALIDATION_SEED + batch_idx)
-            # Clones: tensors made under inference mode cannot enter an autograd graph.
-            x, y = batch[0].clone(), batch[1].clone()
-            network = self.evaluated_network()
-            with torch.no_grad():
-                clean = network(x)
-            x_adv = pgd_ce(network, x, y, self.threat)
-            with torch.no_grad():
-                robust = network(x_adv)
-        self.val_clean_acc(clean, y)
-        self.val_robust_acc(robust, y)
-        self.log("val/clean_acc", self.val_clean_acc, prog_bar=True)
-        self.log("val/robust_acc", self.val_robust_acc, prog_bar=True)
+        """Clean and PGD accuracy (the training attack) of the evaluated network: model selection."""
+        validate(self, batch, batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Nothing per batch: :class:`~s2ap_lightning.evaluation.EvaluationCallback` runs the protocol.
-
-        It evaluates the whole test split in one call of :func:`~s2ap_lightning.evaluation.evaluate`,
-        as the demo, the study and notebooks do, so one checkpoint gives one set of figures.
-        """
+        """Nothing per batch: the EvaluationCallback runs ``evaluate()`` once on the whole test split."""
 
 
 def saved_stage(checkpoint: Any) -> str | None:

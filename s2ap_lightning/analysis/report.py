@@ -408,7 +408,7 @@ def write_report(
         heading = (
             f"dataset `{dataset or '?'}`, {threat or 'threat model ?'}" if dataset or threat else "Results"
         )
-        lines += ["", f"## {heading}", ""]
+        lines += [*([""] if lines[-1] else []), f"## {heading}", ""]
         lines += results_table([r for r in evaluated if (r.dataset, r.threat) == (dataset, threat)])
     lines += ["", TABLE_NOTE]
     failed = [r for r in evaluated if r.checks_passed is False]

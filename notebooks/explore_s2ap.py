@@ -54,14 +54,15 @@ plt.show()
 
 # %% [markdown]
 # ## The pipeline: pretrain, search masks with HYDRA and S2AP, finetune, evaluate
-# `run_demo` is the Quickstart job. `sparsity` is the *pruned* fraction: 0.9 keeps 10 % of every
-# layer. S2AP uses `gamma` (the relative score-space radius) after `warmup_epochs` of plain HYDRA.
+# `run_demo` is the Quickstart job: a one-seed `s2ap study` preset, run through the study's cells.
+# `sparsity` is the *pruned* fraction: 0.9 keeps 10 % of every layer. S2AP uses `gamma` (the relative
+# score-space radius) after `warmup_epochs` of plain HYDRA. It returns one `ResultRow` per model.
 
 # %%
-from s2ap_lightning.demo import DemoConfig, format_table, run_demo
+from s2ap_lightning.jobs.demo import format_table, run_demo
 
 if FAST:
-    cfg = DemoConfig(
+    rows = run_demo(
         out=str(OUT),
         sparsities=[0.9],
         pretrain_epochs=2,
@@ -73,8 +74,7 @@ if FAST:
         progress=False,
     )
 else:
-    cfg = DemoConfig(out=str(OUT), sparsities=[0.9, 0.99], progress=False)
-rows = run_demo(cfg)
+    rows = run_demo(out=str(OUT), sparsities=[0.9, 0.99], progress=False)
 
 # %%
 display(Markdown("```\n" + format_table(rows) + "\n```"))
@@ -90,7 +90,8 @@ for name in ("robust_vs_sparsity.png", "hamming_per_epoch.png", "lambda_max.png"
 
 # %% [markdown]
 # ## Looking into one mask search
-# Load the S2AP search checkpoint and measure its score-space sharpness on a fixed validation subset,
+# Load the HYDRA and S2AP search checkpoints (each row names its search's) and measure their
+# score-space sharpness on a fixed validation subset,
 # then slice the robust loss along a random score direction (scaled per layer to the score norm).
 # The mask flips counted along the path show how flat the loss is where the mask changes.
 
@@ -102,13 +103,17 @@ from s2ap_lightning.stages import ScoreSpaceSAMPruner
 x_val = torch.stack([dm.val_set[i][0] for i in range(64)])
 y_val = torch.tensor([int(dm.val_set[i][1]) for i in range(64)])
 curves = {}
-for method in ("hydra", "s2ap"):
-    ckpt = OUT / f"{method}_sp0.9" / "prune" / "best.ckpt"
+for row in rows:
+    if row.sparsity != 0.9:
+        continue
+    ckpt = row.search_checkpoint
     pruner = ScoreSpaceSAMPruner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     objective = pruner.objective()  # the function the search minimised, for the analyses
     report = score_space_sharpness(objective, x_val, y_val, gamma=0.01, max_iter=10 if FAST else 30)
-    print(f"{method}: lambda_max {report.lambda_max:.4g}, worst-case loss increase {report.sharpness:.4g}")
-    curves[method] = landscape_1d(
+    print(
+        f"{row.method}: lambda_max {report.lambda_max:.4g}, worst-case loss increase {report.sharpness:.4g}"
+    )
+    curves[row.method] = landscape_1d(
         objective, x_val, y_val, alphas=torch.linspace(-0.5, 0.5, 5 if FAST else 21).tolist()
     )
 

@@ -243,15 +243,20 @@ class S2APCLI(LightningCLI):
 
 def _demo(argv: list[str]) -> int:
     # Jobs and tools are imported on use, so `s2ap fit` does not load submitit, scipy or the analyses.
-    from s2ap_lightning.jobs.demo import main as demo_main
+    # Both jobs parse through the tools' jsonargparse mechanism: a typed function or the spec dataclass.
+    from s2ap_lightning.jobs.demo import run_demo
+    from s2ap_lightning.tools import run_tool
 
-    return demo_main(argv)
+    run_tool(run_demo, argv, "demo")
+    return 0
 
 
 def _study(argv: list[str]) -> int:
-    from s2ap_lightning.jobs.study import main as study_main
+    from s2ap_lightning.jobs import study
+    from s2ap_lightning.tools import run_tool
 
-    return study_main(argv)
+    study.run_study(run_tool(study.StudySpec, argv, "study"))
+    return 0
 
 
 def _tool(name: str) -> Callable[[list[str]], int]:

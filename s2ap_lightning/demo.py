@@ -1,5 +1,17 @@
-"""Kept for ``from s2ap_lightning.demo import ...``: the demo lives in :mod:`s2ap_lightning.jobs.demo`."""
+"""Gone: the demo is :func:`s2ap_lightning.jobs.demo.run_demo`, a study preset.
 
-from s2ap_lightning.jobs.demo import COLUMNS, DemoConfig, format_table, main, run_demo, write_results
+``from s2ap_lightning.demo import ...`` (the notebook's import before the demo ran the study's cells)
+fails with an ImportError that names the new place instead of a bare "no module named".
+"""
 
-__all__ = ["COLUMNS", "DemoConfig", "format_table", "main", "run_demo", "write_results"]
+from __future__ import annotations
+
+from typing import NoReturn
+
+
+def __getattr__(name: str) -> NoReturn:
+    raise ImportError(
+        f"s2ap_lightning.demo.{name} is gone: the demo is s2ap_lightning.jobs.demo.run_demo(out=..., "
+        "sparsities=..., ...) (the old DemoConfig fields are its arguments; it returns ResultRow objects, "
+        "formatted by s2ap_lightning.jobs.demo.format_table)"
+    )

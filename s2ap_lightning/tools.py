@@ -20,7 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from s2ap_lightning.analysis.landscape import landscape_1d, landscape_2d
-from s2ap_lightning.analysis.report import write_records_report, write_report
+from s2ap_lightning.analysis.report import read_results_csv, record_rows, write_report
 from s2ap_lightning.analysis.security import security_curve
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import hamming as distance_of
@@ -29,6 +29,8 @@ from s2ap_lightning.checkpoint import load_file, refuse_existing
 from s2ap_lightning.data import RobustDataModule, split_tensors
 from s2ap_lightning.export import export as export_file
 from s2ap_lightning.export import plain_model
+from s2ap_lightning.jobs.cells import load_spec
+from s2ap_lightning.jobs.study_report import write_study_report
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 
@@ -262,21 +264,30 @@ def security(
 
 
 def report(runs: str, overwrite: bool = False) -> int:
-    """Turn a runs folder into report.md with PNG plots.
+    """Turn a runs folder into a Markdown report with PNG plots.
 
-    The demo's ``results.csv`` when the folder has one, else every evaluation record (``*.eval.json``)
-    that ``s2ap test`` wrote under it.
+    From the folder's ``results.csv`` (``s2ap demo``) into ``report.md``; from a study folder
+    (``cells/`` and ``spec.yaml`` of ``s2ap study``, of any version) into ``study.md`` and ``study.csv``;
+    else from every evaluation record (``*.eval.json``) that ``s2ap test`` wrote under it into
+    ``report.md``.
 
     Args:
         runs: the folder holding the runs.
-        overwrite: replace an existing ``report.md``.
+        overwrite: replace an existing report.
 
     """
     folder = Path(runs)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the folder holding the runs to report on")
-    refuse_existing(folder / "report.md", overwrite)
-    path = write_report(folder) if (folder / "results.csv").is_file() else write_records_report(folder)
+    if (folder / "results.csv").is_file():
+        refuse_existing(folder / "report.md", overwrite)
+        path = write_report(folder, read_results_csv(folder / "results.csv"))
+    elif (folder / "spec.yaml").is_file() and (folder / "cells").is_dir():
+        refuse_existing(folder / "study.md", overwrite)
+        path = write_study_report(load_spec(folder))
+    else:
+        refuse_existing(folder / "report.md", overwrite)
+        path = write_report(folder, record_rows(folder), title=f"Evaluation records under `{folder}`")
     print(f"written {path}")
     return 0
 

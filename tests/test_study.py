@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from s2ap_lightning.analysis.report import ResultRow
+from s2ap_lightning.cli import main
 from s2ap_lightning.jobs import study as study_mod
 from s2ap_lightning.jobs.study import Cell, StudySpec, cells_of, choose_gamma, read_result, run_study
 from s2ap_lightning.jobs.study_report import mean_ci, paired, verdict
@@ -33,12 +35,12 @@ def finished(tmp_path_factory):
 def test_every_method_of_a_seed_starts_from_the_same_pretrained_weights(finished):
     spec = finished
     for seed in spec.seeds:
-        pre = read_result(spec, Cell("pretrain", seed))
+        pre = read_result(spec, Cell.pretrain(seed))
         searches = [read_result(spec, c) for c in cells_of(spec)[1] if c.seed == seed]
         assert {s["init_sha256"] for s in searches} == {pre["weights_sha256"]}
         finals = [read_result(spec, c) for c in cells_of(spec)[2] if c.seed == seed]
         assert {f["init_sha256"] for f in finals} == {pre["weights_sha256"]}
-    hashes = {read_result(spec, Cell("pretrain", s))["weights_sha256"] for s in spec.seeds}
+    hashes = {read_result(spec, Cell.pretrain(s))["weights_sha256"] for s in spec.seeds}
     assert len(hashes) == len(spec.seeds), "each seed has its own pretraining"
 
 
@@ -50,7 +52,22 @@ def test_outputs_and_columns(finished):
     lines = (folder / "study.csv").read_text().splitlines()
     # dense per seed + (base + gammas) searches per seed
     assert len(lines) == 1 + len(finished.seeds) * (1 + 1 + len(finished.gammas))
-    assert lines[0].startswith("seed,method,base_method,sparsity,gamma,selected,clean_acc,pgd_acc,aa_acc")
+    assert lines[0].startswith(
+        "seed,method,base_method,variant,sparsity,gamma,finetune,stage,selected,clean_acc,pgd_acc,aa_acc"
+    )
+    # The per-run table of the shared report writer, one per dataset and evaluated threat model.
+    assert "## dataset `synthetic`, linf eps 0.1" in text and "`seed1/finetune/hydra_sp0.8_s2ap`" in text
+
+
+def test_cell_results_name_the_variant_and_gamma_is_only_s2aps_radius(finished):
+    spec = finished
+    base = read_result(spec, Cell.finetune(1, "hydra", 0.8, "base"))
+    s2ap = read_result(spec, Cell.finetune(1, "hydra", 0.8, "s2ap"))
+    assert (base["variant"], base["gamma"], base["finetune"]) == ("base", None, "plain")
+    assert s2ap["variant"] == "s2ap" and s2ap["gamma"] in spec.gammas
+    assert s2ap["search_cell"] == Cell.search(1, "hydra", 0.8, s2ap["gamma"]).key
+    assert read_result(spec, Cell.search(1, "hydra", 0.8, 0.0))["gamma"] is None
+    assert 0.79 < s2ap["global_sparsity"] < 0.81, "the evaluated network is pruned"
 
 
 def test_gamma_is_chosen_on_validation_never_test(finished, tmp_path):
@@ -78,30 +95,12 @@ def test_interval_arithmetic_against_a_hand_computation():
     assert verdict(0.02, 0.01) == "S2AP better" and verdict(-0.02, 0.01) == "S2AP worse"
     assert verdict(0.005, 0.01) == "no detectable difference"
     rows = [
-        {
-            "selected": True,
-            "base_method": "hydra",
-            "sparsity": 0.9,
-            "method": "hydra",
-            "seed": 1,
-            "pgd_acc": 0.5,
-        },
-        {
-            "selected": True,
-            "base_method": "hydra",
-            "sparsity": 0.9,
-            "method": "hydra+s2ap",
-            "seed": 1,
-            "pgd_acc": 0.6,
-        },
-        {
-            "selected": False,
-            "base_method": "hydra",
-            "sparsity": 0.9,
-            "method": "hydra+s2ap",
-            "seed": 1,
-            "pgd_acc": 0.9,
-        },
+        ResultRow(seed=1, base_method="hydra", variant="base", sparsity=0.9, pgd_acc=0.5),
+        ResultRow(seed=1, base_method="hydra", variant="s2ap", sparsity=0.9, gamma=0.01, pgd_acc=0.6),
+        # a search that was not finetuned does not pair
+        ResultRow(
+            seed=1, base_method="hydra", variant="s2ap", sparsity=0.9, gamma=0.05, pgd_acc=0.9, selected=False
+        ),
     ]
     assert paired(rows, "hydra", 0.9, "pgd_acc") == {1: (0.5, 0.6)}
 
@@ -155,22 +154,70 @@ def test_submitit_local_launcher_respects_dependencies(finished, tmp_path):
     pytest.importorskip("submitit")
     spec = replace(finished, out=str(tmp_path), seeds=[1], gammas=[0.01], launcher="submitit_local")
     run_study(spec)
-    pre = read_result(spec, Cell("pretrain", 1))
-    fin = read_result(spec, Cell("finetune", 1, "hydra", 0.8, 1.0))
+    pre = read_result(spec, Cell.pretrain(1))
+    fin = read_result(spec, Cell.finetune(1, "hydra", 0.8, "s2ap"))
     assert fin["init_sha256"] == pre["weights_sha256"]
     assert (tmp_path / "submitit").is_dir() and (tmp_path / "study.md").is_file()
 
 
-def test_bad_spec_is_refused_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match=r"gammas=\[0.0\]"):
-        tiny_spec(tmp_path, gammas=[0.0])
-    with pytest.raises(ValueError, match=r"launcher='pbs' is unknown"):
-        tiny_spec(tmp_path, launcher="pbs")
-    with pytest.raises(ValueError, match=r"base_methods=\['obd'\]"):
-        tiny_spec(tmp_path, base_methods=["obd"])
-    with pytest.raises(ValueError, match=r"attack_precision='bf16' is unknown; valid: fp32, training"):
-        tiny_spec(tmp_path, attack_precision="bf16")
+BAD_SPECS = [
+    # (change, the message names the key and what is wrong)
+    ({"gammas": [0.0]}, r"gammas=\[0.0\]: 0.0 is not valid; valid: S2AP radii > 0"),
+    ({"launcher": "pbs"}, r"launcher='pbs' is unknown"),
+    ({"base_methods": ["obd"]}, r"base_methods=\['obd'\]: 'obd' is not valid; valid: hydra, harp"),
+    ({"attack_precision": "bf16"}, r"attack_precision='bf16' is unknown; valid: fp32, training"),
+    # issue 20: out-of-range and repeated values, an AWP arm without AWP settings, an empty grid
+    (
+        {"sparsities": [0.9, 1.0]},
+        r"sparsities=\[0.9, 1.0\]: 1.0 is not valid; valid: pruned fractions in \(0, 1\)",
+    ),
+    ({"sparsities": [0.0]}, r"sparsities=\[0.0\]: 0.0 is not valid"),
+    ({"sparsities": [0.8, 0.9, 0.8]}, r"sparsities=\[0.8, 0.9, 0.8\]: 0.8 is repeated"),
+    ({"gammas": [0.01, 0.05, 0.01]}, r"gammas=\[0.01, 0.05, 0.01\]: 0.01 is repeated"),
+    ({"seeds": [1, 2, 1]}, r"seeds=\[1, 2, 1\]: 1 is repeated"),
+    ({"base_methods": ["hydra", "hydra"]}, r"base_methods=\['hydra', 'hydra'\]: 'hydra' is repeated"),
+    ({"awp": True, "awp_gamma": 0.0}, r"awp=true without AWP settings: awp_gamma=0.0 must be > 0"),
+    ({"awp": True, "awp_gamma": None}, r"awp=true without AWP settings: awp_gamma=None"),
+    ({"sparsities": []}, r"sparsities=\[\]: the grid is empty"),
+    ({"gammas": []}, r"gammas=\[\]: the grid is empty"),
+    ({"seeds": []}, r"seeds=\[\]: the grid is empty"),
+    ({"base_methods": []}, r"base_methods=\[\]: the grid is empty"),
+    ({"data": {"batchsize": 64}}, r"data: 'batchsize' is not a DataModule setting; valid: dataset, "),
+    ({"model": "resnet7"}, r"model='resnet7' is unknown; valid: "),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_SPECS, ids=[next(iter(c)) for c, _ in BAD_SPECS])
+def test_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_spec(tmp_path, **change)
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_spec_from_the_command_line_fails_in_one_line_naming_the_key(tmp_path, capsys):
+    config = str(ROOT / "tests" / "configs" / "study_tiny.yaml")
+    out = tmp_path / "s"
+    assert main(["study", "--config", config, "--out", str(out), "--sparsities", "[0.8, 0.8]"]) == 2
+    assert "s2ap: error: sparsities=[0.8, 0.8]: 0.8 is repeated" in capsys.readouterr().err
+    assert main(["study", "--config", config, "--out", str(out), "--awp", "true", "--awp_gamma", "0"]) == 2
+    assert "awp=true without AWP settings" in capsys.readouterr().err
+    assert main(["study", "--config", config, "--out", str(out), "--data_config", "nope.yaml"]) == 2
+    assert "data_config='nope.yaml' does not exist" in capsys.readouterr().err
+    assert not out.exists(), "nothing written"
+
+
+def test_cells_name_their_variant_and_read_the_old_gamma_flag():
+    assert Cell.finetune(1, "hydra", 0.9, "s2ap").key == "seed1/finetune/hydra_sp0.9_s2ap"
+    assert Cell.search(1, "hydra", 0.9, 0.0).key == "seed1/search/hydra_sp0.9_g0"
+    assert Cell.search(1, "hydra", 0.9, 0.01).variant == "s2ap"
+    # A cell as an older version pickled it for a queued SLURM job: gamma 1.0 meant S2AP.
+    old = {"kind": "finetune", "seed": 1, "base_method": "hydra", "sparsity": 0.9, "gamma": 1.0}
+    assert Cell.from_dict(old) == Cell.finetune(1, "hydra", 0.9, "s2ap")
+    assert Cell.from_dict({**old, "gamma": 0.0}) == Cell.finetune(1, "hydra", 0.9, "base")
+    with pytest.raises(ValueError, match="variant='s2ap' with gamma=0.0"):
+        Cell("search", 1, "hydra", 0.9, "s2ap", 0.0)
+    with pytest.raises(ValueError, match="finetune cell: gamma=1.0"):
+        Cell("finetune", 1, "hydra", 0.9, "s2ap", 1.0)
 
 
 def test_data_config_model_block_with_or_without_init_args(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from s2ap_lightning.cli import main
 from s2ap_lightning.jobs import study as study_mod
 from s2ap_lightning.jobs.study import Cell, StudySpec, cells_of, result_path
 from s2ap_lightning.jobs.study_report import interval_text, mean_ci, verdict, write_study_report
@@ -46,7 +47,8 @@ def test_an_interval_wider_than_the_accuracy_scale_is_not_printed():
 
 
 def write_fake_study(spec, pgd):
-    """Result files of every cell, as a finished study leaves them; ``pgd[seed] = (base, s2ap)``."""
+    """Result files of every cell in the format studies wrote before the result rows had a ``variant``
+    (so the report reads old study folders); ``pgd[seed] = (base, s2ap)``."""
 
     def put(cell, **result):
         path = result_path(spec, cell)
@@ -82,17 +84,18 @@ def write_fake_study(spec, pgd):
             lambda_max=1.0,
         )
     for cell in finetune:
-        gamma = spec.gammas[0] if cell.s2ap else 0.0
-        searched = Cell("search", cell.seed, cell.base_method, cell.sparsity, gamma)
+        s2ap = cell.variant == "s2ap"
+        gamma = spec.gammas[0] if s2ap else 0.0
+        searched = Cell.search(cell.seed, cell.base_method, cell.sparsity, gamma)
         put(
             cell,
             search_cell=searched.key,
-            method=f"hydra{'+s2ap' if cell.s2ap else ''}",
+            method=f"hydra{'+s2ap' if s2ap else ''}",
             base_method=cell.base_method,
             sparsity=cell.sparsity,
             gamma=gamma,
             clean_acc=0.8,
-            pgd_acc=pgd[cell.seed][1 if cell.s2ap else 0],
+            pgd_acc=pgd[cell.seed][1 if s2ap else 0],
             aa_acc=None,
             mask_pgd_acc=0.4,
             **evaluation,
@@ -160,7 +163,7 @@ def test_readme_own_data_study_spec_parses_and_builds_the_datamodule(tmp_path, m
     assert argv[:2] == ["s2ap", "study"]
     captured = []
     monkeypatch.setattr(study_mod, "run_study", captured.append)
-    assert study_mod.main(argv[2:]) == 0
+    assert main(argv[1:]) == 0
     (spec,) = captured
     assert spec.data_config == "my_data.yaml" and spec.seeds == [1, 2, 3, 4, 5]
     assert spec.sparsities == [0.9] and spec.gammas == [0.001, 0.01, 0.05]
@@ -170,3 +173,30 @@ def test_readme_own_data_study_spec_parses_and_builds_the_datamodule(tmp_path, m
     assert model_kw == {"model": "small_cnn", "eps": 0.1, "step_size": 0.025, "attack_steps": 10}
     dm = RobustDataModule(**data_kw)
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 3, 12)
+
+
+# ----------------------------------------------------------------------------- older study folders
+def test_a_committed_study_folder_of_an_older_version_is_reported_with_the_same_figures(tmp_path, capsys):
+    """results/digits was written before result rows named their variant: `s2ap report` still reads it."""
+    import shutil
+
+    from s2ap_lightning.analysis.report import read_results_csv
+
+    committed = ROOT / "results" / "digits"
+    shutil.copytree(committed / "cells", tmp_path / "cells")
+    shutil.copy(committed / "spec.yaml", tmp_path / "spec.yaml")
+    assert main(["report", str(tmp_path)]) == 0
+
+    def statistics(text):
+        return text.split("## Accuracy per method")[1].split("## Mask statistics")[0]
+
+    assert statistics((tmp_path / "study.md").read_text()) == statistics((committed / "study.md").read_text())
+    rows = read_results_csv(tmp_path / "study.csv")
+    finals = [r for r in rows if r.selected and r.variant != "dense"]
+    assert len(rows) == 5 * (1 + 2 * 5) and len(finals) == 5 * 2 * 2
+    assert {r.gamma for r in finals if r.variant == "base"} == {None}, "gamma is S2AP's radius only"
+    assert {r.gamma for r in finals if r.variant == "s2ap"} <= {0.001, 0.005, 0.01, 0.05}
+    assert {(r.stage, r.finetune) for r in finals} == {("finetune", "plain")}
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2, "an existing study.md is not replaced without --overwrite"
+    assert "study.md" in capsys.readouterr().err

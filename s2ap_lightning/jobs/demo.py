@@ -1,40 +1,50 @@
-"""The Quickstart job: the whole pipeline on scikit-learn's digits, HYDRA against S2AP.
+"""The Quickstart job: a one-seed study on scikit-learn's digits, HYDRA against S2AP.
 
-One robust pretraining, then for every sparsity a HYDRA and an S2AP mask search from that same
-pretrained model, finetuning of each, and an evaluation of the exported pruned models (clean,
-PGD-20, AutoAttack standard on a fixed test subset). Writes ``results.csv`` and prints a table.
+The demo is a :class:`~s2ap_lightning.jobs.cells.StudySpec` preset run through the study's own cells:
+one robust pretraining, per sparsity a HYDRA and an S2AP mask search from that same pretrained model,
+the finetuning of each, and the evaluation protocol on the finetuned models (clean, PGD, AutoAttack
+standard on a fixed test subset, the gradient-masking checks). With one gamma there is nothing to
+select. It writes ``results.csv`` and ``report.md`` (the shared writers) and prints its own table.
 """
 
 from __future__ import annotations
 
-import csv
+import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-import lightning as L
-import torch
+from s2ap_lightning.analysis.report import ResultRow, write_report, write_results_csv
+from s2ap_lightning.jobs.cells import StudySpec, save_spec, study_rows
+from s2ap_lightning.jobs.study import run_local
 
-from s2ap_lightning.analysis.report import RESULTS_COLUMNS as COLUMNS
-from s2ap_lightning.analysis.report import write_report
-from s2ap_lightning.analysis.sharpness import score_space_sharpness
-from s2ap_lightning.attacks.pgd import AttackConfig
-from s2ap_lightning.checkpoint import atomic_torch_save, load_file
-from s2ap_lightning.data import RobustDataModule, split_tensors
-from s2ap_lightning.evaluation import EvalProtocol, evaluate, pgd_accuracy
-from s2ap_lightning.export import format_sparsity, plain_model, pruned_state_dict, sparsity_table
-from s2ap_lightning.jobs.common import record_figures, stage_trainer
-from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
-from s2ap_lightning.stages.callbacks import MaskStabilityCallback
+#: The demo's data: the bundled 8x8 digits (no download), batches of 128.
+DEMO_DATA = {"dataset": "digits", "batch_size": 128}
 
 
-@dataclass
-class DemoConfig:
-    """Settings of the demo; the defaults finish in a few minutes on a 2-core CPU.
+def run_demo(
+    out: str = "runs/demo",
+    model: str = "mlp",
+    seed: int = 0,
+    sparsities: tuple[float, ...] = (0.9, 0.99),
+    gamma: float = 0.01,
+    pretrain_epochs: int = 20,
+    prune_epochs: int = 10,
+    warmup_epochs: int = 2,
+    finetune_epochs: int = 8,
+    eps: float = 0.1,
+    step_size: float = 0.025,
+    pgd_steps: int = 20,
+    aa_images: int = 100,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[ResultRow]:
+    """Run the Quickstart demo: robust pretraining, HYDRA and S2AP mask searches, finetuning, evaluation.
+
+    The defaults finish in a few minutes on a 2-core CPU. Returns the rows of ``results.csv``: the
+    dense model, then per sparsity HYDRA and S2AP on HYDRA.
 
     Args:
-        out: output folder (results.csv, report.md, one folder per run).
+        out: output folder (results.csv, report.md, the study's cells/ and runs/).
         model: architecture (``mlp``: every layer large enough to keep 1 % of it).
         seed: seed of every stage and of the evaluation's AutoAttack sample.
         sparsities: pruned fractions (0.9 keeps 10 % of every layer).
@@ -45,196 +55,109 @@ class DemoConfig:
         finetune_epochs: epochs of finetuning, the same for both methods.
         eps: L-inf budget on [0, 1] pixels.
         step_size: PGD step size.
-        pgd_steps: PGD steps of the test evaluation.
+        pgd_steps: PGD steps of the test evaluation (and of the validation figure of each mask).
         aa_images: test images attacked by AutoAttack (class-stratified, seeded).
         progress: progress bars inside stages.
-        overwrite: write into an ``out`` that already holds files (a previous demo's checkpoints,
-            results.csv and report.md are replaced); by default such a folder is refused.
+        overwrite: write into an ``out`` that already holds files (a previous demo's results and
+            checkpoints are replaced); by default such a folder is refused.
 
     """
+    spec = StudySpec(
+        name="demo",
+        data_config=None,
+        data=dict(DEMO_DATA),
+        model=model,
+        eps=eps,
+        step_size=step_size,
+        out=out,
+        base_methods=["hydra"],
+        sparsities=list(sparsities),
+        gammas=[gamma],
+        seeds=[seed],
+        pretrain_epochs=pretrain_epochs,
+        prune_epochs=prune_epochs,
+        warmup_epochs=warmup_epochs,
+        finetune_epochs=finetune_epochs,
+        pretrain_lr=0.1,
+        prune_lr=0.1,
+        finetune_lr=0.01,
+        select_pgd_steps=pgd_steps,
+        eval_pgd_steps=pgd_steps,
+        aa_images=aa_images,
+        sharpness_images=256,
+        sharpness_iters=20,
+        progress=progress,
+    )
+    return run_preset(spec, overwrite)
 
-    out: str = "runs/demo"
-    model: str = "mlp"
-    seed: int = 0
-    sparsities: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    gamma: float = 0.01
-    pretrain_epochs: int = 20
-    prune_epochs: int = 10
-    warmup_epochs: int = 2
-    finetune_epochs: int = 8
-    eps: float = 0.1
-    step_size: float = 0.025
-    pgd_steps: int = 20
-    aa_images: int = 100
-    progress: bool = True
-    overwrite: bool = False
 
+def run_preset(spec: StudySpec, overwrite: bool = False) -> list[ResultRow]:
+    """Run a study spec from scratch in ``spec.folder`` as the demo does, and print its table.
 
-def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
-    """Run the pipeline and return one row per (method, sparsity)."""
-    out = Path(cfg.out)
+    A folder that already holds files is refused unless ``overwrite``: the study would resume from
+    its cells instead of running the settings given, and a new run replaces the old one's files.
+    """
+    out = spec.folder
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if held and not cfg.overwrite:
-        # The stages' checkpoint folders have fixed names: a second demo here would replace them.
+    if held and not overwrite:
         raise FileExistsError(
             f"out={str(out)!r} already holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}; "
             "choose another --out or pass --overwrite true to replace a previous demo's results"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    common = dict(
-        model=cfg.model,
-        num_classes=10,
-        in_channels=1,
-        image_size=8,
-        eps=cfg.eps,
-        step_size=cfg.step_size,
-        attack_steps=10,
-    )
-    dm = RobustDataModule("digits", batch_size=128)
-    dm.setup()
-    x_test, y_test = split_tensors(dm.test_set)
-    x_val, y_val = split_tensors(dm.val_set, 256)
-    runs = [(m, s) for s in cfg.sparsities for m in ("hydra", "s2ap")]
-    total = 1 + 2 * len(runs)
+    spec.data_settings()  # the data settings are checked before anything is written or removed
+    for previous in ("cells", "runs"):
+        # Asked for explicitly: the previous results go, so that every cell runs with these settings.
+        shutil.rmtree(out / previous, ignore_errors=True)
     started = time.time()
-
-    def stage(i: int, text: str) -> None:
-        print(f"\n[{i}/{total}] {text}  (elapsed {time.time() - started:.0f} s)", flush=True)
-
-    stage(1, f"robust pretraining (PGD-AT, eps {cfg.eps}), {cfg.pretrain_epochs} epochs")
-    L.seed_everything(cfg.seed, verbose=False)
-    pre_dir = out / "pretrain"
-    stage_trainer(pre_dir, cfg.pretrain_epochs, cfg.progress).fit(
-        RobustPretrainer(lr=0.1, **common), datamodule=dm
+    save_spec(spec)
+    run_local(spec)
+    rows = [r for r in study_rows(spec) if r.selected]
+    write_results_csv(rows, out / "results.csv")
+    report = write_report(
+        out,
+        rows,
+        title=f"s2ap demo: `{out}`",
+        intro=[_protocol_note(spec, rows)],
     )
-    pretrained = str(pre_dir / "best.ckpt")
-    protocol = EvalProtocol(
-        cfg.eps, cfg.step_size, pgd_steps=cfg.pgd_steps, aa_images=cfg.aa_images, subset_seed=cfg.seed
-    )
-    dense = evaluate(plain_model(load_file(pretrained)).eval(), x_test, y_test, protocol)
-    rows = [
-        {
-            "method": "dense",
-            "sparsity": 0.0,
-            "seed": cfg.seed,
-            "gamma": None,
-            **record_figures(dense),
-            "mask_pgd_acc": None,
-            "mask_hamming_last_epoch": None,
-            "lambda_max": None,
-            "sharpness": None,
-            "global_sparsity": 0.0,
-        }
-    ]
-    for k, (method, sparsity) in enumerate(runs):
-        gamma = cfg.gamma if method == "s2ap" else 0.0
-        tag = f"{method}_sp{sparsity:g}"
-        stage(
-            2 + 2 * k, f"mask search {method} (gamma {gamma}), sparsity {sparsity}, {cfg.prune_epochs} epochs"
-        )
-        L.seed_everything(cfg.seed, verbose=False)
-        stability = MaskStabilityCallback(dirpath=str(out / tag / "masks"))
-        pruner = ScoreSpaceSAMPruner(
-            sparsity=sparsity, gamma=gamma, warmup_epochs=cfg.warmup_epochs, init_from=pretrained, **common
-        )
-        stage_trainer(out / tag / "prune", cfg.prune_epochs, cfg.progress, [stability]).fit(
-            pruner, datamodule=dm
-        )
-        prune_ckpt = out / tag / "prune" / "best.ckpt"
-
-        # Score-space sharpness of the searched scores, on a fixed validation subset.
-        sharp = score_space_sharpness(
-            pruner.eval().objective(), x_val, y_val, gamma=cfg.gamma or 0.01, max_iter=20, seed=cfg.seed
-        )
-
-        # Mask robust accuracy: the pretrained weights under the searched mask, before finetuning.
-        masked_model, _ = pruned_state_dict(load_file(prune_ckpt))
-        mask_pgd = pgd_accuracy(
-            masked_model.eval(),
-            x_test,
-            y_test,
-            AttackConfig(cfg.eps, cfg.step_size, cfg.pgd_steps),
-        )
-
-        stage(3 + 2 * k, f"finetuning {method}, sparsity {sparsity}, {cfg.finetune_epochs} epochs")
-        L.seed_everything(cfg.seed, verbose=False)
-        finetuner = MaskedFinetuner(init_from=str(prune_ckpt), lr=0.01, **common)
-        stage_trainer(out / tag / "finetune", cfg.finetune_epochs, cfg.progress).fit(finetuner, datamodule=dm)
-
-        model, state = pruned_state_dict(load_file(out / tag / "finetune" / "best.ckpt"))
-        atomic_torch_save(state, out / tag / "pruned_model.pt")
-        rows_sp, global_sp = sparsity_table(model)
-        (out / tag / "sparsity.txt").write_text(format_sparsity(rows_sp, global_sp) + "\n")
-        report = evaluate(model, x_test, y_test, protocol)
-        for failure in report.failures():
-            print(f"EVALUATION CHECK FAILED ({tag}): {failure}")
-        rows.append(
-            {
-                "method": method,
-                "sparsity": sparsity,
-                "seed": cfg.seed,
-                "gamma": gamma,
-                **record_figures(report),
-                "mask_pgd_acc": mask_pgd,
-                "mask_hamming_last_epoch": stability.history[-1]["hamming"],
-                "lambda_max": sharp.lambda_max,
-                "sharpness": sharp.sharpness,
-                "global_sparsity": global_sp,
-            }
-        )
-    write_results(rows, out / "results.csv")
-    report = write_report(out)
     print(f"\nfinished in {time.time() - started:.0f} s\n")
     print(format_table(rows))
-    print(
-        f"\nPGD-{cfg.pgd_steps} and clean accuracy on all {len(x_test)} test images; AutoAttack "
-        f"standard on a class-stratified sample of {min(cfg.aa_images, len(x_test))} (seed {cfg.seed}); "
-        f"gradient-masking checks on the same images. Results: {out / 'results.csv'}; "
-        f"report with plots: {report}"
-    )
-
+    for r in rows:
+        for failure in r.check_failures:
+            print(f"EVALUATION CHECK FAILED ({r.method}, sparsity {r.sparsity:g}): {failure}")
+    print(f"\n{_protocol_note(spec, rows)} Results: {out / 'results.csv'}; report with plots: {report}")
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")  # the CSV's columns only
+def _protocol_note(spec: StudySpec, rows: Sequence[ResultRow]) -> str:
+    n_test = rows[0].n_test if rows else None
+    n_aa = rows[0].n_aa if rows else None
+    seed = spec.seeds[0]
+    return (
+        f"PGD-{spec.eval_pgd_steps} and clean accuracy on all {n_test} test images; AutoAttack standard "
+        f"on a class-stratified sample of {n_aa} (seed {seed}); gradient-masking checks on the same "
+        f"images. One seed: the table shows the pipeline working, not which method is better "
+        f"(`s2ap study` compares them over seeds)."
+    )
 
-        writer.writeheader()
-        writer.writerows(rows)
 
-
-def _num(value: Any, spec: str) -> str:
+def _num(value: float | None, spec: str) -> str:
     width = int(spec.split(".")[0])
     return f"{'-':>{width}}" if value is None else format(value, ">" + spec)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: Sequence[ResultRow]) -> str:
+    """The demo's table: per (method, sparsity) the test figures, the mask's, and the checks."""
     head = (
-        f"{'method':<7} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8} "
+        f"{'method':<11} {'sparsity':>8} {'clean':>7} {'PGD':>7} {'AA':>7} {'mask PGD':>9} {'hamming':>8} "
         f"{'lambda_max':>10} {'checks':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        aa = "n/a" if r["aa_acc"] is None else f"{r['aa_acc']:.3f}"
+        aa = "n/a" if r.aa_acc is None else f"{r.aa_acc:.3f}"
         lines.append(
-            f"{r['method']:<7} {r['sparsity']:>8g} {r['clean_acc']:>7.3f} {r['pgd_acc']:>7.3f} {aa:>7} "
-            f"{_num(r['mask_pgd_acc'], '9.3f')} {_num(r['mask_hamming_last_epoch'], '8.4f')} "
-            f"{_num(r['lambda_max'], '10.4g')} "
-            f"{'ok' if r.get('checks_passed', True) else 'FAILED':>7}"
+            f"{r.method:<11} {r.sparsity:>8g} {r.clean_acc:>7.3f} {r.pgd_acc:>7.3f} {aa:>7} "
+            f"{_num(r.mask_pgd_acc, '9.3f')} {_num(r.mask_hamming_last_epoch, '8.4f')} "
+            f"{_num(r.lambda_max, '10.4g')} "
+            f"{'ok' if r.checks_passed is not False else 'FAILED':>7}"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``s2ap demo``: every field of :class:`DemoConfig` is a flag (``--help``) and a ``--config`` key."""
-    from jsonargparse import ActionConfigFile, ArgumentParser  # imported when the command runs
-
-    parser = ArgumentParser(prog="s2ap demo", description=__doc__.split("\n\n")[0], exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
-    parser.add_class_arguments(DemoConfig, as_group=False)
-    cfg = parser.parse_args(argv)
-    fields = DemoConfig.__dataclass_fields__
-    run_demo(DemoConfig(**{k: v for k, v in cfg.as_dict().items() if k in fields}))
-    return 0

@@ -7,37 +7,11 @@ order and finetuning recipe, so the seed-to-seed spread cancels out of the diffe
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
-from typing import Any
 
-from s2ap_lightning.jobs.study import Cell, StudySpec, cells_of, read_result
-
-#: One definition of the study's columns (study.csv and the tables read from it).
-COLUMNS = [
-    "seed",
-    "method",
-    "base_method",
-    "sparsity",
-    "gamma",
-    "selected",
-    "clean_acc",
-    "pgd_acc",
-    "aa_acc",
-    "n_test",
-    "n_aa",
-    "val_mask_pgd_acc",
-    "n_val",
-    "mask_pgd_acc",
-    "mask_hamming_last_epoch",
-    "lambda_max",
-    "checks_passed",
-    "check_failures",
-    "wall_s",
-    "git_commit",
-    "cell",
-]
+from s2ap_lightning.analysis.report import ResultRow, write_report, write_results_csv
+from s2ap_lightning.jobs.cells import StudySpec, study_rows
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -52,37 +26,6 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
         return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def study_rows(spec: StudySpec) -> list[dict[str, Any]]:
-    """One row per run: the dense model of each seed, every search, with test figures where finetuned."""
-    rows = []
-    pretrain, search, finetune = cells_of(spec)
-    for cell in pretrain:
-        rows.append({**read_result(spec, cell), "selected": True})
-    finals = {}
-    for cell in finetune:
-        result = read_result(spec, cell)
-        finals[result["search_cell"]] = result
-    for cell in search:
-        result = read_result(spec, cell)
-        final = finals.get(result["cell"])
-        row = {**result, "selected": final is not None}
-        if final is not None:
-            keep = ("clean_acc", "pgd_acc", "aa_acc", "n_test", "n_aa", "mask_pgd_acc", "checks_passed")
-            row.update({k: final[k] for k in keep})
-            row["check_failures"] = final["check_failures"]
-            row["wall_s"] = round(result["wall_s"] + final["wall_s"], 1)
-        rows.append(row)
-    return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "check_failures": "; ".join(row.get("check_failures") or [])})
 
 
 #: Fewest seeds for which ``study.md`` prints a confidence interval. With two seeds the t quantile is
@@ -124,20 +67,14 @@ def _pct(values: list[float]) -> str:
     return interval_text(values)
 
 
-def paired(
-    rows: list[dict[str, Any]], base: str, sparsity: float, metric: str
-) -> dict[int, tuple[float, float]]:
+def paired(rows: list[ResultRow], base: str, sparsity: float, metric: str) -> dict[int, tuple[float, float]]:
     """``{seed: (base value, S2AP value)}`` of the finetuned, selected models."""
     out: dict[int, list[float | None]] = {}
     for r in rows:
-        if (
-            r.get("selected")
-            and r["base_method"] == base
-            and r["sparsity"] == sparsity
-            and r.get(metric) is not None
-        ):
-            slot = 1 if r["method"].endswith("+s2ap") else 0
-            out.setdefault(r["seed"], [None, None])[slot] = r[metric]
+        value = getattr(r, metric)
+        if r.selected and r.base_method == base and r.sparsity == sparsity and value is not None:
+            slot = 1 if r.variant == "s2ap" else 0
+            out.setdefault(r.seed, [None, None])[slot] = value
     return {s: (v[0], v[1]) for s, v in out.items() if None not in v}
 
 
@@ -159,31 +96,55 @@ def verdict(diff_mean: float, diff_half: float, n: int | None = None) -> str:
 
 
 def write_study_report(spec: StudySpec) -> Path:
-    """Write ``study.csv``, ``study.md`` and the plots into the study folder; return ``study.md``."""
+    """Write ``study.csv``, ``study.md`` and plots of a finished study into its folder; return ``study.md``.
+
+    ``study.md`` is the shared report (:func:`~s2ap_lightning.analysis.report.write_report`) with the
+    study's statistics as its sections: means with intervals over seeds, the paired differences, the
+    validation accuracy of every gamma, the mask statistics.
+    """
     folder = spec.folder
     rows = study_rows(spec)
-    write_csv(rows, folder / "study.csv")
-    finals = [r for r in rows if r.get("selected") and r.get("clean_acc") is not None]
-    wall = sum(float(r.get("wall_s") or 0) for r in rows)
+    write_results_csv(rows, folder / "study.csv")
+    finals = [r for r in rows if r.selected and r.evaluated]
+    wall = sum(float(r.wall_s or 0) for r in rows)
     recipe = f"with AWP (gamma {spec.awp_gamma})" if spec.awp else "without AWP"
-    lines = [
-        f"# Study `{spec.name}`",
-        "",
+    intro = [
         f"Spec: `{folder / 'spec.yaml'}` (data `{spec.data_config}`); seeds {spec.seeds}; sparsities "
         f"{spec.sparsities}; gammas {spec.gammas}; epochs pretrain/search/finetune "
         f"{spec.pretrain_epochs}/{spec.prune_epochs}/{spec.finetune_epochs} (S2AP warm-up "
         f"{spec.warmup_epochs}); finetuning {recipe} for every method. Wall time of the cells, added "
         f"up: {wall / 60:.1f} min (`wall_s` per row in `study.csv`).",
-        "",
         "Accuracies in %, mean ± 95 % CI half-width over seeds (Student t). Test figures: clean and "
         f"PGD-{spec.eval_pgd_steps} on every test image, AutoAttack on a class-stratified sample of "
         f"{spec.aa_images}. With fewer than {MIN_SEEDS_FOR_INTERVAL} seeds, or where an interval would be "
         "wider than the 0-100 accuracy scale, the mean stands alone with `± n/a` and the reason. The "
         "S2AP gamma of each (seed, sparsity) was chosen by the validation "
         f"PGD-{spec.select_pgd_steps} accuracy of the searched mask, before finetuning.",
-        "",
     ]
-    failed = [r for r in finals if not r.get("checks_passed")]
+    plots = _plots(spec, rows, finals, folder)
+    figures = [
+        ("Robust accuracy: mean and 95 % CI over seeds", plots[0].name),
+        ("Paired per seed", plots[1].name),
+    ]
+    return write_report(
+        folder,
+        rows,
+        name="study.md",
+        title=f"Study `{spec.name}`",
+        intro=intro,
+        sections=summary_lines(spec, rows),
+        figures=figures,
+    )
+
+
+def summary_lines(spec: StudySpec, rows: list[ResultRow]) -> list[str]:
+    """The study's statistics as Markdown lines (the per-run tables follow them in ``study.md``).
+
+    Accuracy per method with intervals over seeds, paired differences, gamma sensitivity, mask statistics.
+    """
+    finals = [r for r in rows if r.selected and r.evaluated]
+    lines: list[str] = []
+    failed = [r for r in finals if not r.checks_passed]
     if failed:
         lines += [
             f"**{len(failed)} evaluation(s) FAILED a gradient-masking check** (marked `!` below; "
@@ -196,14 +157,15 @@ def write_study_report(spec: StudySpec) -> Path:
         "| method | sparsity | seeds | clean | PGD | AutoAttack | checks |",
         "|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float], list[ResultRow]] = {}
     for r in finals:
-        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
+        groups.setdefault((r.method, r.sparsity), []).append(r)
     for (method, sp), group in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         cells = [
-            _pct([g[m] for g in group if g.get(m) is not None]) for m in ("clean_acc", "pgd_acc", "aa_acc")
+            _pct([getattr(g, m) for g in group if getattr(g, m) is not None])
+            for m in ("clean_acc", "pgd_acc", "aa_acc")
         ]
-        bad = sum(1 for g in group if not g.get("checks_passed"))
+        bad = sum(1 for g in group if not g.checks_passed)
         status = "ok" if not bad else f"{bad} failed !"
         lines.append(f"| {method} | {sp:g} | {len(group)} | {' | '.join(cells)} | {status} |")
     lines += [
@@ -217,9 +179,7 @@ def write_study_report(spec: StudySpec) -> Path:
         for sp in spec.sparsities:
             # Evaluations of this row that failed a masking check (the same for every metric).
             flagged = sum(
-                1
-                for r in finals
-                if r["base_method"] == base and r["sparsity"] == sp and not r.get("checks_passed")
+                1 for r in finals if r.base_method == base and r.sparsity == sp and not r.checks_passed
             )
             for metric in ("pgd_acc", "aa_acc", "clean_acc"):
                 pairs = paired(rows, base, sp, metric)
@@ -245,14 +205,19 @@ def write_study_report(spec: StudySpec) -> Path:
         + " | mean | chosen on |",
         "|---|---|---|" + "---|" * (len(spec.seeds) + 2),
     ]
+    searches = [r for r in rows if r.variant != "dense"]
     for base in spec.base_methods:
         for sp in spec.sparsities:
             for g in [0.0, *spec.gammas]:
                 vals, chosen = [], 0
                 for s in spec.seeds:
-                    r = read_result(spec, Cell("search", s, base, sp, g))
-                    vals.append(r["val_mask_pgd_acc"])
-                    chosen += any(x["cell"] == r["cell"] and x["selected"] for x in rows) and g > 0
+                    r = next(
+                        r
+                        for r in searches
+                        if (r.seed, r.base_method, r.sparsity, r.gamma or 0.0) == (s, base, sp, g)
+                    )
+                    vals.append(r.val_mask_pgd_acc)
+                    chosen += r.selected and g > 0
                 label = f"{g:g}" if g else "0 (base)"
                 lines.append(
                     f"| {base} | {sp:g} | {label} | "
@@ -270,41 +235,34 @@ def write_study_report(spec: StudySpec) -> Path:
         if method == "dense":
             continue
 
-        def avg(key: str, group: list[dict[str, Any]] = group) -> str:
-            vals = [g[key] for g in group if g.get(key) is not None]
+        def avg(key: str, group: list[ResultRow] = group) -> str:
+            vals = [getattr(g, key) for g in group if getattr(g, key) is not None]
             return f"{sum(vals) / len(vals):.4g}" if vals else "n/a"
 
         stats = " | ".join(avg(k) for k in ("mask_pgd_acc", "mask_hamming_last_epoch", "lambda_max"))
         lines.append(f"| {method} | {sp:g} | {stats} |")
-    plots = _plots(spec, rows, finals, folder)
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += [
         "",
-        "Rows: `study.csv` (one per run; `selected` marks the finetuned ones). "
-        f"Commit: {rows[0].get('git_commit')}.",
-        "",
+        "The tables below list every finetuned and tested run; `study.csv` holds every search as well "
+        "(`selected`: the one finetuned).",
     ]
-    path = folder / "study.md"
-    path.write_text("\n".join(lines))
-    return path
+    return lines
 
 
-def _plots(
-    spec: StudySpec, rows: list[dict[str, Any]], finals: list[dict[str, Any]], folder: Path
-) -> list[Path]:
+def _plots(spec: StudySpec, rows: list[ResultRow], finals: list[ResultRow], folder: Path) -> list[Path]:
     from s2ap_lightning.analysis.plotting import subplots
 
     out = []
     fig, axes = subplots(1, 2, figsize=(10, 4))
     for ax, metric, title in zip(axes, ("pgd_acc", "aa_acc"), ("PGD", "AutoAttack"), strict=True):
-        methods = sorted({r["method"] for r in finals if r["method"] != "dense"})
+        methods = sorted({r.method for r in finals if r.method != "dense"})
         for i, method in enumerate(methods):
             xs, ms, hs = [], [], []
             for sp in spec.sparsities:
                 vals = [
-                    r[metric]
+                    getattr(r, metric)
                     for r in finals
-                    if r["method"] == method and r["sparsity"] == sp and r.get(metric) is not None
+                    if r.method == method and r.sparsity == sp and getattr(r, metric) is not None
                 ]
                 if vals:
                     m, h = mean_ci(vals)
@@ -312,7 +270,7 @@ def _plots(
                     ms.append(100 * m)
                     hs.append(0 if interval_missing(len(vals), h) else 100 * h)  # no bar: as study.md
             ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=4, label=method)
-        dense = [r[metric] for r in finals if r["method"] == "dense" and r.get(metric) is not None]
+        dense = [getattr(r, metric) for r in finals if r.method == "dense" and getattr(r, metric) is not None]
         if dense:
             ax.axhline(100 * sum(dense) / len(dense), color="grey", ls="--", label="dense")
         ax.set_xticks(range(len(spec.sparsities)), [f"{s:g}" for s in spec.sparsities])

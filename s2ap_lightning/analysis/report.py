@@ -26,6 +26,7 @@ from s2ap_lightning.analysis.stability import hamming, load_masks
 from s2ap_lightning.checkpoint import CheckpointError, load_file
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model, sparsity_table
+from s2ap_lightning.pruning.methods import method_from_config
 
 #: What a row's model is: the dense (pretrained) model, a base-method mask, or an S2AP mask.
 VARIANTS = ("dense", "base", "s2ap")
@@ -253,8 +254,8 @@ def find_records(folder: Path) -> list[Path]:
 
 
 def _record_threat(record: Mapping[str, Any]) -> str:
-    # The evaluated threat model; records name it `threat` or (older ones) inside `protocol`.
-    threat = record.get("threat") or record.get("protocol") or {}
+    # The evaluated threat model: `threat_model` (older records: inside `protocol`).
+    threat = record.get("threat_model") or record.get("threat") or record.get("protocol") or {}
     return threat_text(threat.get("norm"), threat.get("eps"))
 
 
@@ -273,7 +274,7 @@ def record_row(record: Mapping[str, Any], source: str) -> ResultRow:
     checks = record.get("checks") or {}
     return ResultRow(
         seed=int(seed) if seed not in (None, "") else None,
-        base_method=str(hp.get("base_method") or ""),
+        base_method=_method_name(hp),
         variant=variant,
         sparsity=0.0 if variant == "dense" else hp.get("sparsity"),
         gamma=gamma if variant == "s2ap" else None,
@@ -569,3 +570,14 @@ def _draw_figures(folder: Path, rows: Sequence[ResultRow], skip: set[str]) -> li
         fig.savefig(folder / "layer_sparsity.png", dpi=120)
         drawn.append(("Per-layer sparsity of the evaluated models", "layer_sparsity.png"))
     return drawn
+
+
+def _method_name(hparams: Mapping[str, Any]) -> str:
+    """The base method a record's hyper-parameters name: the ``method`` block, or older ``base_method``."""
+    method = hparams.get("method")
+    if isinstance(method, Mapping) and method.get("class_path"):
+        try:
+            return method_from_config(method).name
+        except (ValueError, ImportError, TypeError):
+            return str(method["class_path"]).rsplit(".", 1)[-1].lower()
+    return str(hparams.get("base_method") or "")

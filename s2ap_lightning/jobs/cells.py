@@ -41,8 +41,9 @@ from s2ap_lightning.jobs.common import (
 from s2ap_lightning.models import MODELS
 from s2ap_lightning.pruning.methods import BASE_METHODS
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
-from s2ap_lightning.stages.base import ATTACK_PRECISIONS
 from s2ap_lightning.stages.callbacks import MaskStabilityCallback
+from s2ap_lightning.stages.hparams import upgrade_checkpoint_hparams
+from s2ap_lightning.stages.training import ATTACK_PRECISIONS
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 #: A pruned model of a study: the base method's mask, or S2AP's (gamma chosen on validation).
@@ -213,8 +214,15 @@ class StudySpec:
         model = dict(config.get("model") or {})
         model = dict(model.get("init_args", model))  # the data configs' form, or a flat block
         model.pop("class_path", None)
-        overrides = {"model": self.model, "eps": self.eps, "step_size": self.step_size}
-        model.update({k: v for k, v in overrides.items() if v is not None})
+        # Flat eps/step_size/attack_steps (older data configs) into the threat block, then the spec's own.
+        model = upgrade_checkpoint_hparams(model)
+        threat = dict(model.get("threat") or {})
+        overrides = {"eps": self.eps, "step_size": self.step_size}
+        threat.update({k: v for k, v in overrides.items() if v is not None})
+        if threat:
+            model["threat"] = threat
+        if self.model is not None:
+            model["model"] = self.model
         return {**data, **self.data}, model
 
 

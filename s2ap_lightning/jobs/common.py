@@ -19,14 +19,13 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from s2ap_lightning.analysis.report import threat_text
-from s2ap_lightning.attacks.pgd import AttackConfig
+from s2ap_lightning.attacks.pgd import ThreatModel
 from s2ap_lightning.checkpoint import AtomicCheckpointIO
 from s2ap_lightning.evaluation import EvalProtocol, EvalRecord, evaluate, pgd_accuracy
+from s2ap_lightning.pruning.methods import method_from_config
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, RobustTask, ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
-
-#: The stage classes' own defaults of the threat model, for settings that leave it out.
-DEFAULT_THREAT = {"eps": 8 / 255, "step_size": 2 / 255, "attack_steps": 10, "norm": "linf"}
+from s2ap_lightning.stages.hparams import as_block
 
 
 def stage_trainer(
@@ -53,18 +52,15 @@ def stage_trainer(
     )
 
 
-def threat_of(settings: Mapping[str, Any]) -> AttackConfig:
-    """The threat model of a job's stage settings (``eps``, ``step_size``, ``attack_steps``, ``norm``).
+def threat_of(settings: Mapping[str, Any]) -> ThreatModel:
+    """The threat model of a job's stage settings (their ``threat`` block; the class default without).
 
     ``steps`` are the training attack's; evaluations and quick figures set their own.
     """
-    get = {**DEFAULT_THREAT, **{k: v for k, v in settings.items() if k in DEFAULT_THREAT}}
-    return AttackConfig(
-        float(get["eps"]), float(get["step_size"]), int(get["attack_steps"]), str(get["norm"])
-    )
+    return as_block(ThreatModel, settings.get("threat") or {})
 
 
-def describe_threat(threat: AttackConfig) -> str:
+def describe_threat(threat: ThreatModel) -> str:
     """How result rows and report headings name a threat model (``linf eps 0.1``)."""
     return threat_text(threat.norm, threat.eps)
 
@@ -86,12 +82,13 @@ def stage_module(
     Args:
         kind: ``pretrain`` (robust pretraining), ``search`` (mask search, S2AP when ``gamma > 0``) or
             ``finetune`` (masked finetuning, AWP when ``awp_gamma > 0``).
-        settings: model, data-derived sizes, threat model and speed options (flat stage arguments).
+        settings: model, data-derived sizes, the ``threat`` block and speed options (stage arguments).
         lr: SGD learning rate of the stage.
         init_from: checkpoint the stage starts from (search: pretrained; finetune: searched).
         sparsity: pruned fraction of the search.
         gamma: S2AP's score-space radius of the search (0: the base method alone).
-        base_method: the search's score-based method.
+        base_method: the search's score-based method (a registered name, e.g. ``hydra``, with its
+            default options).
         warmup_epochs: base-method epochs before S2AP starts.
         awp_gamma: AWP's relative radius of the finetuning (0: plain adversarial finetuning).
 
@@ -102,7 +99,7 @@ def stage_module(
         return ScoreSpaceSAMPruner(
             sparsity=sparsity,
             gamma=gamma,
-            base_method=base_method,
+            method=method_from_config(base_method),
             warmup_epochs=warmup_epochs,
             init_from=init_from,
             lr=lr,
@@ -114,7 +111,7 @@ def stage_module(
 
 
 def evaluation_of(
-    model: nn.Module, x: Tensor, y: Tensor, threat: AttackConfig, *, pgd_steps: int, aa_images: int, seed: int
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, pgd_steps: int, aa_images: int, seed: int
 ) -> EvalRecord:
     """The evaluation protocol on a job's test images: clean, PGD, AutoAttack sample, masking checks.
 
@@ -128,14 +125,12 @@ def evaluation_of(
         seed: seed of the AutoAttack sample and the attacks' random starts.
 
     """
-    protocol = EvalProtocol(
-        threat.eps, threat.step_size, threat.norm, pgd_steps, 1, aa_images, subset_seed=seed
-    )
-    return evaluate(model.eval(), x, y, protocol)
+    protocol = EvalProtocol(pgd_steps=pgd_steps, aa_images=aa_images, seed=seed)
+    return evaluate(model.eval(), (x, y), threat, protocol)
 
 
 def robust_accuracy(
-    model: nn.Module, x: Tensor, y: Tensor, threat: AttackConfig, *, steps: int, seed: int
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, steps: int, seed: int
 ) -> float:
     """Accuracy under one seeded PGD of ``steps`` steps: gamma selection, the mask before finetuning.
 

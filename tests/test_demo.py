@@ -24,7 +24,7 @@ def test_demo_options_keep_their_meaning_and_defaults(monkeypatch):
     assert not overwrite and str(spec.folder) == "runs/demo" and spec.data_config is None
     assert spec.data_settings() == (
         {"dataset": "digits", "batch_size": 128},
-        {"model": "mlp", "eps": 0.1, "step_size": 0.025},
+        {"model": "mlp", "threat": {"eps": 0.1, "step_size": 0.025}},
     )
     assert (spec.base_methods, spec.sparsities, spec.gammas, spec.seeds) == (
         ["hydra"],

@@ -217,7 +217,7 @@ def _parsed(name: str, value: Any) -> Any:
     return float(value)
 
 
-def threat_text(norm: Any, eps: Any) -> str:
+def threat_text(norm: str | None, eps: float | str | None) -> str:
     """The threat model as rows and report headings name it, e.g. ``linf eps 0.1``."""
     return f"{norm or '?'} eps {'?' if eps is None else f'{float(eps):g}'}"
 

@@ -74,6 +74,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
         self._eval_weights: dict[str, Tensor] | None = None
+        self._eval_masks: dict[str, Tensor] = {}
 
     def primitive_blocks(self) -> dict[str, Any]:
         return {**super().primitive_blocks(), "method": self.method_spec.config()}
@@ -199,11 +200,20 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     # ----------------------------------------------------------------- masked network
     def evaluated_weights(self) -> Mapping[str, Tensor]:
+        return self._evaluated()[0]
+
+    def _evaluated(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(w * M(s), M(s))`` at the current scores, computed once until the next step.
+
+        Validation, the sparsity log (a callback, run before this module's ``on_train_epoch_end``)
+        and the epoch's density share one mask computation.
+        """
         if self._eval_weights is None:
             with torch.inference_mode(False), torch.no_grad():
-                self._eval_weights = self._frozen(self.method.masks())
-
-        return self._eval_weights
+                masks = self.method.masks()
+                self._eval_weights = self._frozen(masks)
+                self._eval_masks = masks
+        return self._eval_weights, self._eval_masks
 
     def _frozen(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``w * M`` without a graph to the scores: what attacks and accuracy forwards use."""
@@ -286,10 +296,8 @@ class ScoreSpaceSAMPruner(RobustTask):
                     f"{type(self).__name__}: non-finite scores in {name} at epoch "
                     f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept"
                 )
-        with torch.no_grad():
-            masks = self.method.masks()
-            # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
-            self._eval_weights = self._frozen(masks)
+        # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
+        _, masks = self._evaluated()
         density = self.method.density(masks)
 
         self.log("prune/density", density, sync_dist=True)

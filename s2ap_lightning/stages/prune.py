@@ -161,13 +161,17 @@ class ScoreSpaceSAMPruner(RobustTask):
         saved = upgrade_checkpoint_hparams(checkpoint.get("hyper_parameters") or {})
         self.refuse_other_mask(saved)
         state = checkpoint.get("state_dict") or {}
+        own = self.state_dict()
         for key in list(state):
             # Before the method object was `method`, its state lived under `scores.` (and, earlier,
-            # HARP's schedule on the stage itself).
+            # HARP's schedule on the stage itself, where HYDRA checkpoints carried it too: dropped,
+            # HYDRA has none).
             if key.startswith("scores."):
                 state["method." + key.removeprefix("scores.")] = state.pop(key)
             elif key in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met"):
-                state[f"method.{key}"] = state.pop(key)
+                value = state.pop(key)
+                if f"method.{key}" in own:
+                    state[f"method.{key}"] = value
         super().on_load_checkpoint(checkpoint)
         self._eval_weights = None
 

@@ -24,8 +24,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from s2ap_lightning.checkpoint import CheckpointError, load_file
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.pruning.methods import method_from_config
 from s2ap_lightning.stages import RobustTask
-from s2ap_lightning.stages.hparams import plain_value, upgrade_checkpoint_hparams
 from s2ap_lightning.stages.callbacks import (
     BEST,
     LAST,
@@ -34,6 +34,7 @@ from s2ap_lightning.stages.callbacks import (
     latest_hpc_checkpoint,
     slurm_job_id,
 )
+from s2ap_lightning.stages.hparams import plain_value, upgrade_checkpoint_hparams
 
 
 class S2APCLI(LightningCLI):
@@ -65,8 +66,10 @@ class S2APCLI(LightningCLI):
         super().__init__(*args, args=args_list, **kwargs)
 
     def _given(self, key: str) -> bool:
-        """Whether the command itself sets ``model.<key>`` (or a field of that block): as an option or
-        in a ``--config`` file."""
+        """Whether the command itself sets ``model.<key>`` (or a field of that block).
+
+        As an option or in a ``--config`` file.
+        """
         options = (f"--model.{key}", f"--model.init_args.{key}")
         raw = self._raw_args
         if any(a.split("=", 1)[0] in options or a.startswith(tuple(o + "." for o in options)) for a in raw):
@@ -97,8 +100,7 @@ class S2APCLI(LightningCLI):
     SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
     def _parse_ckpt_path(self) -> None:
-        """Merge a checkpoint's hyper-parameters into the command's config, as LightningCLI does, but
-        without losing what the command says.
+        """Merge a checkpoint's hyper-parameters into the command's config, keeping what the command says.
 
         The one private LightningCLI member this project overrides: a documented seam, pinned to the
         Lightning range in pyproject.toml and tested (tests/test_cli.py: the seam still exists and is
@@ -160,6 +162,9 @@ class S2APCLI(LightningCLI):
         old_hp = upgrade_checkpoint_hparams(saved.get("hyper_parameters") or {})
         init_args = self.config.get("fit.model.init_args")
         new_hp = plain_value(init_args) or {}
+        for hp in (old_hp, new_hp):
+            if "method" in hp:  # one form for both sides: None is the default method, HYDRA
+                hp["method"] = method_from_config(hp["method"] or "hydra").config()
         changed = [
             f"{key}: {old_hp[key]!r} -> {new_hp[key]!r}"
             for key in self.RUN_KEYS

@@ -42,11 +42,11 @@ class StepTimer(L.Callback):
         self._counter: MaskCounter | None = None
 
     def _mask_calls(self, pl_module) -> int:
-        scores = getattr(pl_module, "scores", None)
-        if scores is None:
+        state = getattr(pl_module, "method", None)  # the mask search's built base method
+        if state is None:
             return 0
         if self._counter is None:
-            self._counter = MaskCounter(scores)
+            self._counter = MaskCounter(state)
         return self._counter.calls
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

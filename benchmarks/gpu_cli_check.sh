@@ -17,9 +17,9 @@ else
              --model.init_args.model resnet18)
 fi
 COMMON=(--config configs/data/synthetic.yaml --config configs/trainer/gpu_large_batch.yaml
-        --trainer.accelerator "$ACCEL" "${SIZE_ARGS[@]}" --model.init_args.eps 0.0314
-        --model.init_args.step_size 0.0078 --model.init_args.attack_steps 10
-        --model.init_args.aa_images 0 --trainer.enable_progress_bar false)
+        --trainer.accelerator "$ACCEL" "${SIZE_ARGS[@]}" --model.init_args.threat.eps 0.0314
+        --model.init_args.threat.step_size 0.0078 --model.init_args.threat.steps 10
+        --model.init_args.evaluation.aa_images 0 --trainer.enable_progress_bar false)
 s2ap() { "$PY" -c "import sys; from s2ap_lightning.cli import main; sys.exit(main())" "$@"; }
 stage() {  # name, stage config, epochs, extra args...
   local name=$1 config=$2 epochs=$3; shift 3

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import StepTimer, bench_trainer, device_name  # noqa: E402
 
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.data import RobustDataModule  # noqa: E402
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
 
@@ -52,9 +53,7 @@ def main() -> None:
         model=args.model,
         num_classes=10,
         in_channels=3,
-        eps=8 / 255,
-        step_size=2 / 255,
-        attack_steps=10,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255, steps=10),
         channels_last=args.channels_last,
     )
     work = Path(tempfile.mkdtemp(prefix="s2ap_gpu_smoke_"))

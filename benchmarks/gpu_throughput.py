@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import ThroughputTimer, bench_trainer, device_name  # noqa: E402
 
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
 
 STAGES = ("pretrain", "hydra", "s2ap", "finetune")
@@ -75,9 +76,7 @@ def build(stage: str, args: argparse.Namespace, variant: str) -> L.LightningModu
         num_classes=10,
         in_channels=3,
         image_size=args.image_size,
-        eps=8 / 255,
-        step_size=2 / 255,
-        attack_steps=10,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255, steps=10),
         channels_last=channels_last,
         attack_precision=attack_precision,
         compile=compile,

@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import bench_trainer  # noqa: E402
 
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.data import RobustDataModule  # noqa: E402
+from s2ap_lightning.pruning.methods import Harp  # noqa: E402
 from s2ap_lightning.stages import RobustPretrainer, ScoreSpaceSAMPruner  # noqa: E402
 
 
@@ -48,8 +50,8 @@ class EpochLog(L.Callback):
         m = trainer.callback_metrics
         print(
             f"  epoch {epoch:2d}: density {float(m['prune/density']):.4f}  "
-            f"size weight {float(module.scores.size_weight):6.2f}  "
-            f"frozen {bool(module.scores.size_weight_frozen)!s:5}  "
+            f"size weight {float(module.method.size_weight):6.2f}  "
+            f"frozen {bool(module.method.size_weight_frozen)!s:5}  "
             f"val robust acc {float(m.get('val/robust_acc', float('nan'))):.3f}",
             flush=True,
         )
@@ -87,7 +89,10 @@ def main() -> None:
         num_workers=2,
     )
     common = dict(
-        model=args.model, num_classes=10, in_channels=3, eps=8 / 255, step_size=2 / 255, attack_steps=10
+        model=args.model,
+        num_classes=10,
+        in_channels=3,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255, steps=10),
     )
     work = Path(tempfile.mkdtemp(prefix="s2ap_harp_density_"))
 
@@ -115,18 +120,17 @@ def main() -> None:
         print(f"sparsity {sparsity} (target density {1 - sparsity:.3f}):", flush=True)
         L.seed_everything(0, verbose=False)
         pruner = ScoreSpaceSAMPruner(
-            base_method="harp",
+            method=Harp(size_loss_weight=args.size_loss_weight),
             sparsity=sparsity,
             gamma=args.gamma,
             warmup_epochs=min(5, args.epochs - 1),
             weight_decay=5e-4,
-            size_loss_weight=args.size_loss_weight,
             init_from=str(pretrained),
             **common,
         )
         trainer(args.epochs, [EpochLog()]).fit(pruner, datamodule=dm)
         with torch.no_grad():
-            density = pruner.scores.density(pruner.scores.masks())
+            density = pruner.method.density(pruner.method.masks())
         summary.append((sparsity, 1 - sparsity, density, pruner.within_budget()))
     print("sparsity | target | final density | off by (points) | in band")
     for sparsity, target, density, ok in summary:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import ThroughputTimer, bench_trainer, device_name, sync  # noqa: E402
 
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.models.batchnorm import frozen_bn_statistics  # noqa: E402
 from s2ap_lightning.pruning.perturbation import perturbed, score_perturbation  # noqa: E402
 from s2ap_lightning.pruning.scores import masked_forward  # noqa: E402
@@ -53,9 +54,7 @@ def make_pruner(model: str, gamma: float) -> ScoreSpaceSAMPruner:
         sparsity=0.9,
         gamma=gamma,
         warmup_epochs=0,
-        eps=8 / 255,
-        step_size=2 / 255,
-        attack_steps=10,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255, steps=10),
     )
 
 
@@ -86,13 +85,13 @@ def run_lightning(model: str, gamma: float, args: argparse.Namespace) -> tuple[f
     torch.manual_seed(1)  # the attacks' random starts
     trainer.fit(pruner, train_dataloaders=make_loader(model, args.warmup + args.steps))
     outside = timer.seconds_per_step - sum(inside) / len(inside)
-    return timer.seconds_per_step, {n: s.detach().clone() for n, s in pruner.scores.items()}, outside
+    return timer.seconds_per_step, {n: s.detach().clone() for n, s in pruner.method.items()}, outside
 
 
 def run_plain(model: str, gamma: float, args: argparse.Namespace) -> tuple[float, dict, float]:
     """The same step as ``ScoreSpaceSAMPruner.training_step``, without Lightning."""
     pruner = make_pruner(model, gamma)
-    net, scores, loss_fn, attack = pruner.model, pruner.scores, pruner.robust_loss, pruner.train_attack
+    net, scores, loss_fn, attack = pruner.model, pruner.method, pruner.robust_loss, pruner.threat
     params = [p for p in pruner.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
         params, lr=pruner.hparams.lr, momentum=0.9, weight_decay=pruner.hparams.weight_decay

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _timing import StepTimer, bench_trainer, device_name  # noqa: E402
 
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.stages import ScoreSpaceSAMPruner  # noqa: E402
 
 
@@ -38,9 +39,7 @@ def measure(gamma: float, args: argparse.Namespace) -> StepTimer:
         sparsity=0.9,
         gamma=gamma,
         warmup_epochs=0,
-        attack_steps=args.attack_steps,
-        eps=8 / 255,
-        step_size=2 / 255,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255, steps=args.attack_steps),
     )
     timer = StepTimer(skip=args.warmup)
     trainer = bench_trainer([timer], accelerator="auto", precision=args.precision)

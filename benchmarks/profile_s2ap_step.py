@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import StepTimer, bench_trainer, device_name, sync  # noqa: E402
 
 import s2ap_lightning.stages.prune as prune_mod  # noqa: E402
+from s2ap_lightning.attacks import ThreatModel  # noqa: E402
 from s2ap_lightning.stages import ScoreSpaceSAMPruner  # noqa: E402
 
 
@@ -62,14 +63,13 @@ def main() -> None:
         in_channels=3,
         gamma=args.gamma,
         warmup_epochs=0,
-        eps=8 / 255,
-        step_size=2 / 255,
+        threat=ThreatModel(eps=8 / 255, step_size=2 / 255),
     )
     store: dict[str, list[float]] = collections.defaultdict(list)
     pruner._adversarial = timed(store, "attack", pruner._adversarial)
     pruner._loss = timed(store, "loss forward", pruner._loss)
     pruner.manual_backward = timed(store, "backward", pruner.manual_backward)
-    pruner.scores.masks = timed(store, "mask (top-k)", pruner.scores.masks)
+    pruner.method.masks = timed(store, "mask (top-k)", pruner.method.masks)
     prune_mod.score_perturbation = timed(store, "perturbation z", prune_mod.score_perturbation)
     step_timer = StepTimer(skip=2)
     trainer = bench_trainer([step_timer], accelerator="auto", precision=args.precision)

@@ -21,8 +21,11 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from s2ap_lightning.attacks import ThreatModel
 from s2ap_lightning.checkpoint import AtomicCheckpointIO
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.evaluation import EvalProtocol
+from s2ap_lightning.pruning.methods import Harp, Hydra
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import checkpoint_callbacks
 
@@ -47,19 +50,17 @@ def main():
     slurm = os.environ.get("RESUME_SLURM") == "1"
     devices = int(os.environ.get("RESUME_DEVICES", "1"))
     dm = RobustDataModule("synthetic", batch_size=32, synthetic_samples=256 * devices)
+    harp = os.environ.get("RESUME_BASE_METHOD", "hydra") == "harp"
     pruner = ScoreSpaceSAMPruner(
         model="small_cnn",
         num_classes=4,
         in_channels=3,
-        eps=0.1,
-        step_size=0.03,
-        attack_steps=2,
-        eval_pgd_steps=2,
+        threat=ThreatModel(eps=0.1, step_size=0.03, steps=2),
+        evaluation=EvalProtocol(pgd_steps=2),
         sparsity=0.8,
         gamma=0.1,
         warmup_epochs=1,
-        base_method=os.environ.get("RESUME_BASE_METHOD", "hydra"),
-        size_loss_weight=5.0,
+        method=Harp(size_loss_weight=5.0) if harp else Hydra(),
     )
     ckpt_dir = os.path.join(out, "ckpt")
     callbacks = checkpoint_callbacks(ckpt_dir, every_n_train_steps=0 if slurm else 1)
@@ -87,15 +88,16 @@ def main():
     trainer.fit(pruner, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not trainer.is_global_zero:
         return
-    masks = {n: m.bool() for n, m in pruner.scores.masks().items()}
+    masks = {n: m.bool() for n, m in pruner.method.masks().items()}
     torch.save(
         {
             "masks": masks,
-            "scores": {n: s.detach() for n, s in pruner.scores.items()},
+            "scores": {n: s.detach() for n, s in pruner.method.items()},
+            # The method's own state beyond the scores: HARP's rates and its size-loss schedule.
             "state": {
                 k: v
                 for k, v in pruner.state_dict().items()
-                if k.startswith(("size_", "budget_", "scores.rates"))
+                if k.startswith("method.") and not k.startswith("method.scores.")
             },
             "global_step": trainer.global_step,
         },

@@ -59,7 +59,7 @@ def test_prune_stage_starts_from_pretrained_weights(chained):
     b = torch.load(prune, weights_only=True)["state_dict"]
     conv = "model.features.0.weight"
     assert torch.equal(a[conv], b[conv]), "mask search froze the pretrained weights"
-    assert any(k.startswith("scores.") for k in b)
+    assert any(k.startswith("method.scores.") for k in b)
     ckpt = torch.load(prune, weights_only=True)
     assert ckpt["hyper_parameters"]["sparsity"] == 0.8
     assert "masks" in ckpt
@@ -117,7 +117,13 @@ def test_test_subcommand_on_finetuned_checkpoint(chained, capsys):
     assert "test/robust_acc" in out and "test/clean_acc" in out
     # Evaluation settings given on the command line win over the checkpoint's training settings.
     run_test_subcommand(
-        "finetune.yaml", ft, tmp / "test", "--model.eval_pgd_steps", "7", "--model.aa_images", "3"
+        "finetune.yaml",
+        ft,
+        tmp / "test",
+        "--model.evaluation.pgd_steps",
+        "7",
+        "--model.evaluation.aa_images",
+        "3",
     )
     record = latest_record(ft)
     assert record["protocol"]["pgd_steps"] == 7 and record["n_aa_images"] == 3
@@ -139,7 +145,7 @@ def test_resume_same_stage_with_ckpt_path(chained, caplog):
     assert before == 6, "last.ckpt is the end of epoch 2 of 2 (3 batches per epoch)"
     assert ckpt["global_step"] == 9 and ckpt["epoch"] == 2
     assert f"Restored all states from the checkpoint at {last}" in caplog.text
-    assert "scores.scores.features__0__weight" in ckpt["state_dict"]
+    assert "method.scores.features__0__weight" in ckpt["state_dict"]
 
 
 def test_bad_sparsity_fails_fast_with_range(tmp_path):
@@ -194,7 +200,7 @@ def test_mask_robust_accuracy_is_s2ap_test_on_the_search_checkpoint(chained):
 
     tmp, _, prune, _ = chained
     run_test_subcommand(
-        "s2ap.yaml", prune, tmp / "masktest", "--model.sparsity", "0.8", "--model.aa_images", "0"
+        "s2ap.yaml", prune, tmp / "masktest", "--model.sparsity", "0.8", "--model.evaluation.aa_images", "0"
     )
     record = json.loads(prune.with_suffix(".eval.json").read_text())
     assert record["stage"] == "ScoreSpaceSAMPruner"
@@ -219,7 +225,7 @@ def test_cli_best_checkpoint_skips_over_budget_epochs(tmp_path):
         [
             "--config", str(CONFIGS / "stages" / "s2ap.yaml"),
             "--config", str(CONFIGS / "data" / "synthetic.yaml"),
-            "--model.base_method", "harp",
+            "--model.method", "Harp",
             "--checkpoint.dirpath", str(tmp_path),
             "--trainer.logger", "false",
         ],
@@ -229,12 +235,12 @@ def test_cli_best_checkpoint_skips_over_budget_epochs(tmp_path):
     assert best.monitor == "val/robust_acc" and best.dirpath == str(tmp_path)
     pruner = cli_.model
     with torch.no_grad():
-        for rate in pruner.scores.rates.values():
+        for rate in pruner.method.rates.values():
             rate.fill_(3.0)  # every layer far over the target density
     assert not pruner.within_budget()
     assert not best._eligible(pruner)
     with torch.no_grad():
-        for rate in pruner.scores.rates.values():
+        for rate in pruner.method.rates.values():
             rate.fill_(float(torch.logit(torch.tensor((0.1 - 0.01) / 0.99))))  # back at the target
     assert pruner.within_budget() and best._eligible(pruner)
 
@@ -317,8 +323,8 @@ def test_run_folder_holds_logs_config_and_readable_checkpoints(tmp_path, monkeyp
 
 def test_report_from_any_runs_test_records(chained, tmp_path):
     tmp, _, prune, ft = chained
-    run_test_subcommand("s2ap.yaml", prune, tmp / "test_prune", "--model.aa_images", "0")
-    run_test_subcommand("finetune.yaml", ft, tmp / "test_ft", "--model.aa_images", "0")
+    run_test_subcommand("s2ap.yaml", prune, tmp / "test_prune", "--model.evaluation.aa_images", "0")
+    run_test_subcommand("finetune.yaml", ft, tmp / "test_ft", "--model.evaluation.aa_images", "0")
     assert cli("report", str(tmp), "--overwrite", "true") == 0
     text = (tmp / "report.md").read_text()
     assert "`s2ap/best.eval.json` | ScoreSpaceSAMPruner | hydra | 0.8 |" in text
@@ -332,7 +338,7 @@ def test_test_keeps_the_trained_threat_model_and_every_record(tmp_path, capsys):
     """Trained at eps 0.05 (explicitly; the class default is 8/255): tested at 0.05 unless told."""
     fast = ["--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", str(FAST)]
     run = tmp_path / "run"
-    cli("fit", *fast, "--trainer.max_epochs", "1", "--model.eps", "0.05", "--model.step_size", "0.02",
+    cli("fit", *fast, "--trainer.max_epochs", "1", "--model.threat.eps", "0.05", "--model.threat.step_size", "0.02",
         "--checkpoint.dirpath", str(run))  # fmt: skip
     ckpt = run / "best.ckpt"
     test = [
@@ -340,7 +346,7 @@ def test_test_keeps_the_trained_threat_model_and_every_record(tmp_path, capsys):
         *fast,
         "--ckpt_path",
         str(ckpt),
-        "--model.aa_images",
+        "--model.evaluation.aa_images",
         "0",
         "--checkpoint.dirpath",
         str(run),
@@ -348,18 +354,21 @@ def test_test_keeps_the_trained_threat_model_and_every_record(tmp_path, capsys):
     capsys.readouterr()
     cli(*test)
     first = json.loads((run / "best.eval.json").read_text())
-    assert first["protocol"]["eps"] == 0.05 and first["protocol"]["step_size"] == 0.02
+    assert first["threat_model"]["eps"] == 0.05 and first["threat_model"]["step_size"] == 0.02
     assert first["trained_threat_model"]["eps"] == 0.05
     out = capsys.readouterr().out
     assert "threat model: linf eps 0.05; PGD-" in out and "NOT the training" not in out
     assert "test/eps" in out, "the budget stands in the table beside the figures"
     before = (run / "best.eval.json").read_bytes()
 
-    cli(*test, "--model.eps", "0.2", "--model.step_size", "0.05")
+    cli(*test, "--model.threat.eps", "0.2", "--model.threat.step_size", "0.05")
     assert (run / "best.eval.json").read_bytes() == before, "the first record is never replaced"
     second = json.loads((run / "best.eval.2.json").read_text())
-    assert second["protocol"]["eps"] == 0.2
-    assert second["hyper_parameters"]["eps"] == 0.05, "the record says what the model was trained at"
+    assert second["threat_model"]["eps"] == 0.2
+    assert second["hyper_parameters"]["threat"]["eps"] == 0.05, (
+        "the record says what the model was trained at"
+    )
+    assert second["trained_threat_model"]["eps"] == 0.05
     assert "NOT the training threat model (linf eps 0.05)" in capsys.readouterr().out
 
     # The report keeps the two budgets apart: one table each, the eps in its heading.
@@ -398,6 +407,8 @@ def test_resume_with_changed_run_settings_is_refused(chained, tmp_path, capsys):
     assert "settings that define it changed (gamma: 0.01 -> 0.05)" in capsys.readouterr().err
     assert resume("--ckpt_path", str(run / "last.ckpt"), "--model.sparsity", "0.9") == 2
     assert "(sparsity: 0.8 -> 0.9)" in capsys.readouterr().err, "a named file would drop it silently"
+    assert resume("--ckpt_path", "last", "--model.method", "Hydra", "--model.method.scope", "global") == 2
+    assert "'scope': 'layer'" in capsys.readouterr().err, "a method option is part of the run"
     assert resume("--ckpt_path", "last", "--seed_everything", "5") == 2
     assert "seed_everything: 0 -> 5" in capsys.readouterr().err
     assert (run / "last.ckpt").read_bytes() == before, "nothing resumed, nothing written"

@@ -74,6 +74,7 @@ def test_step_and_epoch_checkpoints_both_write_last(tmp_path, trainer_factory):
             seen.append(trainer.global_step)
             super()._save_checkpoint(trainer, filepath)
 
+    from s2ap_lightning.attacks import ThreatModel
     from s2ap_lightning.data import RobustDataModule
     from s2ap_lightning.stages import RobustPretrainer
 
@@ -82,7 +83,8 @@ def test_step_and_epoch_checkpoints_both_write_last(tmp_path, trainer_factory):
         callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last", enable_version_counter=False),
                    Spy(dirpath=str(tmp_path), every_n_train_steps=2)],
     )  # fmt: skip
-    model = RobustPretrainer(model="small_cnn", num_classes=4, in_channels=3, eps=0.1, attack_steps=1)
+    threat = ThreatModel(eps=0.1, step_size=2 / 255, steps=1)
+    model = RobustPretrainer(model="small_cnn", num_classes=4, in_channels=3, threat=threat)
     trainer.fit(model, datamodule=RobustDataModule("synthetic", batch_size=16))
     assert seen == [2, 4, 6]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -38,7 +38,7 @@ def test_compiled_step_matches_eager(stage, fast_kwargs, trainer_factory):
     eager, comp = make(), make(compile=True)
     comp.load_state_dict(eager.state_dict())
     learnt = (
-        (lambda m: dict(m.scores.items()))
+        (lambda m: dict(m.method.items()))
         if stage == "s2ap"
         else (lambda m: dict(m.model.named_parameters()))
     )

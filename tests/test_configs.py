@@ -80,14 +80,16 @@ def test_ap_benchmark_preset_sets_the_benchmarks_protocol(stage, capsys):
 def test_records_name_the_benchmark_protocol_only_when_it_ran():
     import torch
 
-    from s2ap_lightning.evaluation import EvalProtocol, autoattack_plan, summarise
+    from s2ap_lightning.evaluation import EvalProtocol, ThreatModel, autoattack_plan, summarise
     from s2ap_lightning.evaluation.protocol import AP_BENCHMARK
 
     def record(n, eps=0.031, aa_images=10_000, version="standard"):
-        protocol = EvalProtocol(eps=eps, step_size=2 / 255, aa_images=aa_images, aa_version=version)
+        threat = ThreatModel(eps=eps, step_size=2 / 255)
+        protocol = EvalProtocol(aa_images=aa_images, aa_version=version)
         flags = {k: torch.ones(n, dtype=torch.bool) for k in ("clean", "pgd", "pgd_fewer", "eps0", "aa")}
+        flags["zero_grad"] = torch.zeros(n, dtype=torch.bool)
         flags["in_aa"] = torch.arange(n) < aa_images
-        return summarise(flags, torch.arange(n) % 10, protocol, autoattack_plan(10, version))
+        return summarise(flags, torch.arange(n) % 10, threat, protocol, autoattack_plan(10, version))
 
     assert record(10_000).protocol_name == AP_BENCHMARK
     assert record(10_000).as_dict()["protocol_name"].startswith("ap_benchmark:")

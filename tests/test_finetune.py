@@ -43,7 +43,7 @@ def test_finetuner_takes_masks_from_a_prune_checkpoint(tmp_path, fast_kwargs, sy
     trainer.fit(pruner, datamodule=synthetic_dm)
     ckpt = tmp_path / "prune.ckpt"
     trainer.save_checkpoint(ckpt)
-    expected = pruner.scores.masks()
+    expected = pruner.method.masks()
     ft = MaskedFinetuner(init_from=str(ckpt), **fast_kwargs)
     ft.setup("fit")
     params = dict(ft.model.named_parameters())
@@ -76,11 +76,12 @@ def test_pretrainer_learns_synthetic_data(fast_kwargs, synthetic_dm, trainer_fac
 
 def test_awp_step_equals_hand_computation(pruned_state_dict_file, fast_kwargs, trainer_factory):
     import copy
+    import dataclasses
 
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from s2ap_lightning.attacks import AttackConfig, attack_context, pgd
+    from s2ap_lightning.attacks import attack_context, pgd
 
     path, masks = pruned_state_dict_file
     gamma, lr = 0.05, 0.1
@@ -88,14 +89,12 @@ def test_awp_step_equals_hand_computation(pruned_state_dict_file, fast_kwargs, t
         init_from=str(path), lr=lr, momentum=0.0, weight_decay=0.0, awp_gamma=gamma, **fast_kwargs
     )
     ft.setup("fit")
-    ft.train_attack = AttackConfig(
-        ft.hparams.eps, ft.hparams.step_size, ft.hparams.attack_steps, random_start=False
-    )
+    ft.threat = dataclasses.replace(ft.threat, random_start=False)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
     hand = copy.deepcopy(ft.model)
     with attack_context(hand):
-        x_adv = pgd(hand, x, lambda z: F.cross_entropy(z, y, reduction="sum"), ft.train_attack)
+        x_adv = pgd(hand, x, lambda z: F.cross_entropy(z, y, reduction="sum"), ft.threat)
     hand.train()
     weights = {n: p for n, p in hand.named_parameters() if p.dim() > 1}
     momenta = [m.momentum for m in hand.modules() if isinstance(m, torch.nn.BatchNorm2d)]

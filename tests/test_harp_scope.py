@@ -1,6 +1,7 @@
 """HARP as a second base method, and the global pruning scope."""
 
 import copy
+import dataclasses
 
 import lightning as L
 import pytest
@@ -10,8 +11,9 @@ from conftest import quiet_trainer
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from s2ap_lightning.attacks import AttackConfig, attack_context, pgd
+from s2ap_lightning.attacks import ThreatModel, attack_context, pgd
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.evaluation import EvalProtocol
 from s2ap_lightning.models import build_model
 from s2ap_lightning.pruning.methods import Harp, Hydra
 from s2ap_lightning.pruning.scores import masked_forward
@@ -83,20 +85,23 @@ def fixed_loader(n=64, batch=16):
     )
 
 
-def harp_pruner(fast_kwargs, **kw):
+def harp_pruner(fast_kwargs, size_loss_weight=1.0, **kw):
     torch.manual_seed(0)
     p = ScoreSpaceSAMPruner(
-        base_method="harp", sparsity=0.8, lr=0.1, momentum=0.9, weight_decay=5e-4, **{**fast_kwargs, **kw}
+        method=Harp(size_loss_weight=size_loss_weight),
+        sparsity=0.8,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        **{**fast_kwargs, **kw},
     )
-    p.train_attack = AttackConfig(
-        p.hparams.eps, p.hparams.step_size, p.hparams.attack_steps, random_start=False
-    )
+    p.threat = dataclasses.replace(p.threat, random_start=False)
     return p
 
 
 def test_harp_gamma_zero_equals_hand_written_harp(fast_kwargs, trainer_factory):
     pruner = harp_pruner(fast_kwargs, gamma=0.0)
-    model, harp = copy.deepcopy(pruner.model), copy.deepcopy(pruner.scores)
+    model, harp = copy.deepcopy(pruner.model), copy.deepcopy(pruner.method)
     bn = [p for n, p in model.named_parameters() if p.requires_grad]
     params = [*[s for _, s in harp.items()], *harp.rates.values(), *bn]
     momentum = {}
@@ -109,7 +114,7 @@ def test_harp_gamma_zero_equals_hand_written_harp(fast_kwargs, trainer_factory):
                 lambda i: functional_call(model, frozen, (i,), strict=False),
                 x,
                 lambda z: F.cross_entropy(z, y, reduction="sum"),
-                pruner.train_attack,
+                pruner.threat,
             )
         model.train()
         logits = functional_call(model, harp.effective_weights(model, masks), (x_adv,), strict=False)
@@ -124,10 +129,10 @@ def test_harp_gamma_zero_equals_hand_written_harp(fast_kwargs, trainer_factory):
                 r.clamp_(-6.0, 6.0)
     trainer = trainer_factory(max_epochs=1, limit_val_batches=0)
     trainer.fit(pruner, train_dataloaders=loader)
-    for (name, s), (_, h) in zip(pruner.scores.items(), harp.items()):
+    for (name, s), (_, h) in zip(pruner.method.items(), harp.items()):
         assert torch.equal(s, h), name
     for key in harp.rates:
-        assert torch.equal(pruner.scores.rates[key], harp.rates[key]), key
+        assert torch.equal(pruner.method.rates[key], harp.rates[key]), key
 
 
 def test_s2ap_on_harp_perturbs_scores_only(fast_kwargs, trainer_factory, monkeypatch):
@@ -143,7 +148,7 @@ def test_s2ap_on_harp_perturbs_scores_only(fast_kwargs, trainer_factory, monkeyp
     monkeypatch.setattr(prune_mod, "score_perturbation", spy)
     pruner = harp_pruner(fast_kwargs, gamma=0.1, warmup_epochs=0)
     trainer_factory(max_epochs=1, limit_val_batches=0).fit(pruner, train_dataloaders=fixed_loader())
-    assert seen and all(keys == set(pruner.scores.names) for keys in seen)
+    assert seen and all(keys == set(pruner.method.names) for keys in seen)
 
 
 def test_harp_size_weight_grows_linearly_then_freezes():
@@ -168,7 +173,7 @@ def test_harp_size_weight_grows_linearly_then_freezes():
 def pretrained_digits(tmp_path_factory):
     """A briefly adversarially trained small CNN on the bundled digits (about 5 s)."""
     L.seed_everything(0, verbose=False)
-    kw = dict(eps=0.1, step_size=0.025, attack_steps=5, eval_pgd_steps=5)
+    kw = dict(threat=ThreatModel(eps=0.1, step_size=0.025, steps=5), evaluation=EvalProtocol(pgd_steps=5))
     trainer = quiet_trainer(max_epochs=6, limit_val_batches=1)
     trainer.fit(RobustPretrainer(**kw), datamodule=RobustDataModule("digits"))
     path = tmp_path_factory.mktemp("digits") / "pretrained.ckpt"
@@ -188,7 +193,7 @@ def test_harp_final_density_meets_target(pretrained_digits, tmp_path, sparsity, 
 
         def on_validation_end(self, trainer, module):
             if not trainer.sanity_checking:
-                density = module.scores.density(module.scores.masks())
+                density = module.method.density(module.method.masks())
                 self.rows.append(
                     (module.current_epoch, density, float(trainer.callback_metrics["val/robust_acc"]))
                 )
@@ -196,12 +201,11 @@ def test_harp_final_density_meets_target(pretrained_digits, tmp_path, sparsity, 
     path, kw = pretrained_digits
     L.seed_everything(0, verbose=False)
     pruner = ScoreSpaceSAMPruner(
-        base_method="harp",
+        method=Harp(size_loss_weight=weight),
         sparsity=sparsity,
         gamma=0.01,
         warmup_epochs=2,
         weight_decay=5e-4,
-        size_loss_weight=weight,
         init_from=path,
         **kw,
     )
@@ -215,10 +219,10 @@ def test_harp_final_density_meets_target(pretrained_digits, tmp_path, sparsity, 
     trainer.fit(pruner, datamodule=RobustDataModule("digits"))
     target = 1.0 - sparsity
 
-    assert abs(pruner.scores.density(pruner.scores.masks()) - target) <= 0.005
-    assert bool(pruner.scores.size_weight_frozen), "the size-loss weight froze once the target was met"
-    counts = pruner.scores.kept_counts()
-    assert len({round(c / s.numel(), 3) for (_, s), c in zip(pruner.scores.items(), counts.values())}) > 1, (
+    assert abs(pruner.method.density(pruner.method.masks()) - target) <= 0.005
+    assert bool(pruner.method.size_weight_frozen), "the size-loss weight froze once the target was met"
+    counts = pruner.method.kept_counts()
+    assert len({round(c / s.numel(), 3) for (_, s), c in zip(pruner.method.items(), counts.values())}) > 1, (
         "HARP learns different rates per layer"
     )
 
@@ -251,26 +255,26 @@ def test_global_scope_one_threshold_with_layer_minimum():
 def test_harp_size_weight_grows_until_target_then_freezes(fast_kwargs, synthetic_dm, trainer_factory):
     pruner = harp_pruner(fast_kwargs, gamma=0.0, size_loss_weight=0.5)
     with torch.no_grad():  # start well above the density target
-        for r in pruner.scores.rates.values():
+        for r in pruner.method.rates.values():
             r.fill_(3.0)
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert float(pruner.scores.size_weight) == pytest.approx(1.0) and not bool(
-        pruner.scores.size_weight_frozen
+    assert float(pruner.method.size_weight) == pytest.approx(1.0) and not bool(
+        pruner.method.size_weight_frozen
     )
     with torch.no_grad():
-        for r in pruner.scores.rates.values():
+        for r in pruner.method.rates.values():
             r.fill_(-5.0)
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert bool(pruner.scores.size_weight_frozen)
-    frozen = float(pruner.scores.size_weight)
+    assert bool(pruner.method.size_weight_frozen)
+    frozen = float(pruner.method.size_weight)
     trainer_factory(max_epochs=1, limit_val_batches=0, limit_train_batches=1).fit(
         pruner, datamodule=synthetic_dm
     )
-    assert float(pruner.scores.size_weight) == frozen
+    assert float(pruner.method.size_weight) == frozen
 
 
 def test_harp_budget_band_and_warning_without_a_trainer():
@@ -285,38 +289,38 @@ def test_harp_budget_band_and_warning_without_a_trainer():
 
 
 def test_checkpoints_with_the_schedule_on_the_stage_still_load(fast_kwargs, tmp_path):
-    """Before the methods owned their state, HARP's buffers sat on the stage (HYDRA's too)."""
-    for method in ("hydra", "harp"):
-        pruner = ScoreSpaceSAMPruner(base_method=method, sparsity=0.8, **fast_kwargs)
-        state = pruner.state_dict()
-        legacy = {
-            k: v
-            for k, v in state.items()
-            if not k.startswith("scores.size") and "budget_met" not in k and "size_above" not in k
-        }
-        legacy.update(
-            {
-                k: torch.tensor(2.5 if k == "size_weight" else False)
-                for k in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met")
-            }
-        )
-        path = tmp_path / f"{method}.ckpt"
-        import lightning
+    """Before the methods owned their state, HARP's buffers sat on the stage (HYDRA's too), the
+    scores under ``scores.`` and the method in flat hyper-parameters (``base_method``)."""
+    import lightning
 
+    for name, method in (("hydra", Hydra()), ("harp", Harp())):
+        pruner = ScoreSpaceSAMPruner(method=method, sparsity=0.8, **fast_kwargs)
+        state = pruner.state_dict()
+        schedule = ("size_weight", "size_weight_frozen", "size_above_target", "budget_met")
+        legacy = {
+            ("scores." + k.removeprefix("method.") if k.startswith("method.") else k): v
+            for k, v in state.items()
+            if k.removeprefix("method.") not in schedule
+        }
+        legacy.update({k: torch.tensor(2.5 if k == "size_weight" else False) for k in schedule})
+        hparams = {k: v for k, v in pruner.hparams.items() if k != "method"}
+        hparams["base_method"] = name
+        path = tmp_path / f"{name}.ckpt"
         torch.save(
             {
                 "state_dict": legacy,
-                "hyper_parameters": dict(pruner.hparams),
+                "hyper_parameters": hparams,
                 "pytorch-lightning_version": lightning.__version__,
             },
             path,
         )
         loaded = ScoreSpaceSAMPruner.load_from_checkpoint(path, weights_only=True)
+        assert loaded.method_spec == method
         # The scores themselves come through unchanged for both methods ...
-        for name, score in pruner.scores.items():
-            assert torch.equal(loaded.scores[name], score), name
+        for layer, score in pruner.method.items():
+            assert torch.equal(loaded.method[layer], score), layer
         # ... and HARP's schedule lands on the method (HYDRA has none to take).
-        if method == "harp":
-            assert float(loaded.scores.size_weight) == 2.5
+        if name == "harp":
+            assert float(loaded.method.size_weight) == 2.5
         else:
             assert not any("size_weight" in k for k in loaded.state_dict())

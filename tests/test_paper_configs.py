@@ -49,12 +49,11 @@ def test_paper_config_instantiates(path, imagenet_dir):
     with torch.no_grad():
         out = model.model.eval()(torch.rand(2, 3, size, size))
     assert out.shape == (2, data.num_classes)
-    if "imagenet" in path.parts:
-        assert model.hparams.eps == pytest.approx(4 / 255)
-    else:
-        assert model.hparams.eps == pytest.approx(8 / 255)
+    eps = 4 / 255 if "imagenet" in path.parts else 8 / 255
+    assert model.threat.eps == pytest.approx(eps) and model.hparams["threat"]["eps"] == pytest.approx(eps)
     if path.stem not in ("pretrain", "finetune"):
         method, *rest = path.stem.split("_")
-        assert model.hparams.base_method == method
+        assert model.method_spec.name == method
+        assert model.hparams["method"]["class_path"].rsplit(".", 1)[-1].lower() == method
         assert (model.hparams.gamma > 0) == ("s2ap" in rest)
         assert model.hparams.sparsity == float(rest[-1].removeprefix("sp"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import s2ap_lightning.attacks.losses as losses
-from s2ap_lightning.attacks import AttackConfig, attack_context, pgd_ce
+from s2ap_lightning.attacks import ThreatModel, attack_context, pgd_ce
 from s2ap_lightning.models import build_model
 from s2ap_lightning.stages import MaskedFinetuner, RobustPretrainer, ScoreSpaceSAMPruner
 
@@ -19,7 +19,7 @@ def test_attack_runs_in_fp32_inside_autocast():
         assert model(x).dtype == torch.bfloat16
         with attack_context(model):
             assert model(x).dtype == torch.float32
-            x_adv = pgd_ce(model, x, y, AttackConfig(0.1, 0.03, 2))
+            x_adv = pgd_ce(model, x, y, ThreatModel(0.1, 0.03, 2))
     assert x_adv.dtype == torch.float32
 
 
@@ -66,7 +66,7 @@ def test_training_precision_attack_runs_in_bf16_and_still_attacks(loss_name):
     x, y = torch.rand(64, 3, 8, 8), torch.randint(0, 4, (64,))
     seen = []
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    config = AttackConfig(eps=0.1, step_size=0.03, steps=5)
+    config = ThreatModel(eps=0.1, step_size=0.03, steps=5)
     loss = losses.build_robust_loss(loss_name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = loss.adversarial(model, x, y, config, model, autocast=True)

@@ -135,7 +135,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
     assert "not resumable" not in resumed.stderr, "the training loader is stateful the way Lightning expects"
     _assert_same_search(torch.load(tmp_path / "resume.pt", weights_only=True), ref)
     if base_method == "harp":
-        assert any(k.startswith("scores.rates") for k in ref["state"])
+        assert any(k.startswith("method.rates.") for k in ref["state"])
+        assert "method.size_weight" in ref["state"] and "method.size_weight_frozen" in ref["state"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Bad configuration fails before training; checkpoints load safely and survive crashes."""
 
+import argparse
 import os
 import random
 import re
@@ -57,30 +58,40 @@ def wrong_arch_file(tmp_path):
     return str(path)
 
 
+HARP = ["--model.method", "Harp"]
+HYDRA = ["--model.method", "Hydra"]
+
 BAD = [
     (["--model.sparsity", "1.5"], r"sparsity=1.5 is out of range: valid range is \(0.0, 1.0\)"),
     (["--model.sparsity", "0"], r"sparsity=0.0 is out of range"),
     (["--model.sparsity", "-0.2"], r"sparsity=-0.2 is out of range"),
     (["--model.gamma", "-0.1"], r"gamma=-0.1 is out of range: valid range is \[0.0, inf\)"),
-    (["--model.rate_bound", "0"], r"rate_bound=0.0 is out of range: valid range is \(0.0, inf\)"),
     (
-        ["--model.density_tolerance", "2"],
+        HARP + ["--model.method.rate_bound", "0"],
+        r"rate_bound=0.0 is out of range: valid range is \(0.0, inf\)",
+    ),
+    (
+        HARP + ["--model.method.density_tolerance", "2"],
         r"density_tolerance=2.0 is out of range: valid range is \[0.0, 1.0\]",
     ),
-    (["--model.size_loss_weight", "-1"], r"size_loss_weight=-1.0 is out of range"),
-    (["--model.rate_grad", "sum"], r"rate_grad='sum' is unknown; valid: logit, keep"),
-    (["--model.eps", "-0.01"], r"eps=-0.01 is out of range"),
-    (["--model.step_size", "-1"], r"step_size=-1.0 is out of range"),
-    (["--model.attack_steps", "0"], r"attack_steps=0 is out of range: valid range is \[1, inf\)"),
-    (["--model.eval_pgd_steps", "0"], r"eval_pgd_steps=0 is out of range"),
-    (["--model.eval_pgd_restarts", "0"], r"eval_pgd_restarts=0 is out of range"),
+    (HARP + ["--model.method.size_loss_weight", "-1"], r"size_loss_weight=-1.0 is out of range"),
+    # Literal-typed method options are refused by the parser, naming the option and the valid values.
+    (
+        HARP + ["--model.method.rate_grad", "sum"],
+        r"rate_grad\":\s+Expected a typing.Literal\['logit', 'keep'\]. Got value: sum",
+    ),
+    (["--model.threat.eps", "-0.01"], r"eps=-0.01 is out of range"),
+    (["--model.threat.step_size", "-1"], r"step_size=-1.0 is out of range"),
+    (["--model.threat.steps", "0"], r"attack steps=0 is out of range: valid range is \[1, inf\)"),
+    (["--model.evaluation.pgd_steps", "0"], r"pgd_steps=0 is out of range"),
+    (["--model.evaluation.pgd_restarts", "0"], r"pgd_restarts=0 is out of range"),
     (["--model.warmup_epochs", "5"], r"warmup_epochs=5 is out of range: it must be smaller .*max_epochs=3"),
     (["--model.warmup_epochs", "-1"], r"warmup_epochs=-1 is out of range"),
     (["--trainer.max_epochs", "0"], r"max_epochs=0 is out of range"),
     (["--data.dataset", "fashion_mnist"], r"unknown dataset 'fashion_mnist'; valid: digits, mnist_5k, mnist"),
-    (["--model.model", "resnet99"], r"unknown model 'resnet99'; valid: .*resnet18"),
+    (["--model.model", "resnet99"], r"unknown model 'resnet99'; valid names: .*resnet18"),
     (["--model.robust_loss", "fgsm"], r"unknown robust_loss 'fgsm'; valid: pgd_at, trades, mart"),
-    (["--model.norm", "l3"], r"norm='l3' is unknown; valid: linf, l2"),
+    (["--model.threat.norm", "l3"], r"norm='l3' is unknown; valid: linf, l2"),
     (["--model.attack_precision", "fp16"], r"attack_precision='fp16' is unknown; valid: fp32, training"),
     (["--model.init_from", "/no/such/file.ckpt"], r"checkpoint '/no/such/file.ckpt' does not exist"),
     ("WRONG_ARCH", r"does not fit the model SmallCNN: missing keys \[classifier"),
@@ -90,11 +101,11 @@ BAD = [
     (["--model.momentum", "1.5"], r"momentum=1.5 is out of range: valid range is \[0.0, 1.0\)"),
     (["--model.weight_decay", "-1"], r"weight_decay=-1.0 is out of range"),
     (["--model.beta", "-6"], r"beta=-6.0 is out of range"),
-    (["--model.aa_images", "-1"], r"aa_images=-1 is out of range"),
+    (["--model.evaluation.aa_images", "-1"], r"aa_images=-1 is out of range"),
     (["--data.test_subset", "-5"], r"test_subset=-5 must be >= 0"),
     (["--ckpt_path", "/no/such/last.ckpt"], r"checkpoint '/no/such/last.ckpt' does not exist"),
-    (["--model.eps", "8"], r"eps=8.0 is out of range: valid range is \[0.0, 1.0\]"),
-    (["--model.step_size", "2"], r"step_size=2.0 is out of range: valid range is \[0.0, 1.0\]"),
+    (["--model.threat.eps", "8"], r"eps=8.0 is out of range: valid range is \[0.0, 1.0\]"),
+    (["--model.threat.step_size", "2"], r"step_size=2.0 is out of range: valid range is \[0.0, 1.0\]"),
     (["--data.val_fraction", "0.001"], r"val_fraction=0.001 leaves no validation image of 102.*>= 0.0098"),
     (
         ["--model.init_from", "/"],
@@ -102,8 +113,20 @@ BAD = [
     ),
     (["--data.augmentation", "mixup"], r"augmentation='mixup' is unknown; valid: auto, none, crop"),
     (["--data.channels", "2"], r"channels=2 is not supported; valid: 1 \(greyscale\), 3 \(colour\)"),
-    (["--model.aa_version", "fast"], r"aa_version='fast' is unknown; valid: standard, plus, rand"),
-    (["--model.check_tolerance", "1"], r"check_tolerance=1.0 is out of range: valid range is \[0.0, 1.0\)"),
+    (["--model.evaluation.aa_version", "fast"], r"aa_version='fast' is unknown; valid: standard, plus, rand"),
+    # The checks' fixed tolerance became a binomial test: its level and minimum effect are checked.
+    (
+        ["--model.evaluation.check_level", "1"],
+        r"check_level=1.0 is out of range: valid range is \(0.0, 1.0\)",
+    ),
+    (
+        ["--model.evaluation.check_min_effect", "1"],
+        r"check_min_effect=1.0 is out of range: valid range is \[0.0, 1.0\)",
+    ),
+    (
+        HYDRA + ["--model.method.scope", "row"],
+        r"scope\":\s+Expected a typing.Literal\['layer', 'global'\]. Got value: row",
+    ),
 ]
 
 
@@ -114,7 +137,7 @@ def test_bad_configuration_fails_fast_and_touches_nothing(extra, message, guarde
     if extra == "WRONG_ARCH":
         extra = ["--model.init_from", wrong_arch_file(tmp_path)]
     before = sorted(p.name for p in guarded_dir.iterdir())
-    with pytest.raises((ValueError, CheckpointError), match=message):
+    with pytest.raises((ValueError, CheckpointError, argparse.ArgumentError), match=message):
         prune_cli(guarded_dir, *extra)
     assert sorted(p.name for p in guarded_dir.iterdir()) == before, "nothing new written"
     assert (guarded_dir / "last.ckpt").read_bytes() == b"previous checkpoint"
@@ -242,8 +265,12 @@ def test_user_errors_are_one_line(guarded_dir, monkeypatch, capsys):
 ONE_LINE = [
     # (extra arguments of a mask search, the message its one line must contain)
     (["--model.gamma", "nan"], "s2ap: error: --model.gamma: Expected a float. Got value: nan"),
-    (["--model.eps", "8/255"], "s2ap: error: --model.eps: Expected a float. Got value: 8/255"),
+    (["--model.threat.eps", "8/255"], "s2ap: error: --model.threat.eps: Expected a float. Got value: 8/255"),
     (["--model.gama", "0.1"], "s2ap: error: --model: Option 'gama' is not accepted"),
+    (
+        HARP + ["--model.method.rate_grad", "sum"],
+        "s2ap: error: --model.method.rate_grad: Expected a typing.Literal['logit', 'keep']. Got value: sum",
+    ),
     (["--model.init_from", "{tmp}"], "is a directory, not a file"),
     (["--model.init_from", "{arch}"], "does not fit"),
 ]

@@ -75,6 +75,7 @@ class ScoreSpaceSAMPruner(RobustTask):
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
         self._eval_weights: dict[str, Tensor] | None = None
+        self._eval_masks: dict[str, Tensor] = {}
 
     def primitive_blocks(self) -> dict[str, Any]:
         return {**super().primitive_blocks(), "method": self.method_spec.config()}
@@ -161,13 +162,17 @@ class ScoreSpaceSAMPruner(RobustTask):
         saved = upgrade_checkpoint_hparams(checkpoint.get("hyper_parameters") or {})
         self.refuse_other_mask(saved)
         state = checkpoint.get("state_dict") or {}
+        own = self.state_dict()
         for key in list(state):
             # Before the method object was `method`, its state lived under `scores.` (and, earlier,
-            # HARP's schedule on the stage itself).
+            # HARP's schedule on the stage itself, where HYDRA checkpoints carried it too: dropped,
+            # HYDRA has none).
             if key.startswith("scores."):
                 state["method." + key.removeprefix("scores.")] = state.pop(key)
             elif key in ("size_weight", "size_weight_frozen", "size_above_target", "budget_met"):
-                state[f"method.{key}"] = state.pop(key)
+                value = state.pop(key)
+                if f"method.{key}" in own:
+                    state[f"method.{key}"] = value
         super().on_load_checkpoint(checkpoint)
         self._eval_weights = None
 
@@ -200,11 +205,20 @@ class ScoreSpaceSAMPruner(RobustTask):
 
     # ----------------------------------------------------------------- masked network
     def evaluated_weights(self) -> Mapping[str, Tensor]:
+        return self._evaluated()[0]
+
+    def _evaluated(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(w * M(s), M(s))`` at the current scores, computed once until the next step.
+
+        Validation, the sparsity log (a callback, run before this module's ``on_train_epoch_end``)
+        and the epoch's density share one mask computation.
+        """
         if self._eval_weights is None:
             with torch.inference_mode(False), torch.no_grad():
-                self._eval_weights = self._frozen(self.method.masks())
-
-        return self._eval_weights
+                masks = self.method.masks()
+                self._eval_weights = self._frozen(masks)
+                self._eval_masks = masks
+        return self._eval_weights, self._eval_masks
 
     def _frozen(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``w * M`` without a graph to the scores: what attacks and accuracy forwards use."""
@@ -287,10 +301,8 @@ class ScoreSpaceSAMPruner(RobustTask):
                     f"{type(self).__name__}: non-finite scores in {name} at epoch "
                     f"{self.current_epoch}, step {self.global_step}; the last good checkpoint is kept"
                 )
-        with torch.no_grad():
-            masks = self.method.masks()
-            # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
-            self._eval_weights = self._frozen(masks)
+        # Cached for evaluation and the per-layer sparsity log: one mask computation per epoch.
+        _, masks = self._evaluated()
         density = self.method.density(masks)
 
         self.log("prune/density", density, sync_dist=True)

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from s2ap_lightning.checkpoint import CheckpointError, load_file
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.pruning.methods import method_from_config
 from s2ap_lightning.stages import RobustTask
 from s2ap_lightning.stages.callbacks import (
     BEST,
@@ -124,6 +125,9 @@ class S2APCLI(LightningCLI):
         if sub == "fit" and isinstance(saved, dict) and not self.config.get("fit.overwrite"):
             # A named file's settings replace the command's (below); `last` runs with the command's.
             self._refuse_changed_run(saved, merged=path != "last")
+        elif sub in ("test", "validate") and isinstance(saved, dict):
+            # The command names another mask or model than the checkpoint's: refused, not dropped.
+            self._refuse_changed_run(saved, merged=True, keys=self.MODEL_KEYS)
         if path in self.SPECIAL_CKPT or not isinstance(saved, dict):
             return
         hparams = upgrade_checkpoint_hparams(saved.get("hyper_parameters") or {})
@@ -147,7 +151,12 @@ class S2APCLI(LightningCLI):
     #: Settings that define a run: resuming it under other values would silently make it another run.
     RUN_KEYS = ("model", "sparsity", "gamma", "method", "robust_loss", "beta", "threat")
 
-    def _refuse_changed_run(self, saved: dict[str, Any], merged: bool) -> None:
+    #: Settings that define the evaluated network (``test``/``validate``): the threat model may differ.
+    MODEL_KEYS = ("model", "sparsity", "method")
+
+    def _refuse_changed_run(
+        self, saved: dict[str, Any], merged: bool, keys: tuple[str, ...] | None = None
+    ) -> None:
         """Resuming with settings that define the run changed is refused, naming old and new values.
 
         With a named checkpoint file LightningCLI replaces the command's model settings by the
@@ -156,16 +165,27 @@ class S2APCLI(LightningCLI):
         The seed fixes the data order and the attacks' random starts, at any point of an epoch.
         """
         old_hp = upgrade_checkpoint_hparams(saved.get("hyper_parameters") or {})
-        init_args = self.config.get("fit.model.init_args")
+        sub = self.config.get("subcommand")
+        init_args = self.config.get(f"{sub}.model.init_args")
         new_hp = plain_value(init_args) or {}
+        for hp in (old_hp, new_hp):
+            if "method" in hp:  # one form for both sides: None is the default method, HYDRA
+                hp["method"] = method_from_config(hp["method"] or "hydra").config()
         changed = [
             f"{key}: {old_hp[key]!r} -> {new_hp[key]!r}"
-            for key in self.RUN_KEYS
+            for key in keys or self.RUN_KEYS
             if key in old_hp
             and key in new_hp
             and old_hp[key] != new_hp[key]
             and (not merged or self._given(key))
         ]
+        if sub != "fit":
+            if changed:
+                raise ValueError(
+                    f"the command names another network than the checkpoint holds ({'; '.join(changed)}): "
+                    "drop those options to evaluate the checkpoint as it was searched and trained"
+                )
+            return
         loader = (
             ((saved.get("loops") or {}).get("fit_loop") or {}).get("state_dict", {}).get("combined_loader")
         )
@@ -345,6 +365,11 @@ def one_line(err: BaseException) -> str:
     jsonargparse wraps a class's own ``ValueError`` in a list of union-type attempts and the whole
     namespace; only the project's message is kept.
     """
+    cause = err
+    while cause.__cause__ is not None:  # jsonargparse chains a nested block's own error as the cause
+        cause = cause.__cause__
+    if cause is not err and "Does not validate" not in str(cause) and str(cause).strip():
+        return str(cause).strip().splitlines()[0]
     text = str(err)
     if "\nErrors:\n" in text:
         reasons = [

@@ -8,7 +8,9 @@ import lightning as L
 import pytest
 import torch
 
+from s2ap_lightning.attacks import ThreatModel
 from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.evaluation import EvalProtocol
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 pytestmark = pytest.mark.timeout(240)
@@ -24,12 +26,12 @@ class RecordingPruner(ScoreSpaceSAMPruner):
 
     def manual_backward(self, loss, *args, **kwargs):
         super().manual_backward(loss, *args, **kwargs)
-        self._grads.append({n: s.grad.detach().clone() for n, s in self.scores.items()})
+        self._grads.append({n: s.grad.detach().clone() for n, s in self.method.items()})
 
     def on_train_end(self):
         rank = self.global_rank
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
-        masks = {n: m.bool() for n, m in self.scores.masks().items()}
+        masks = {n: m.bool() for n, m in self.method.masks().items()}
         torch.save(
             {"grads": self._grads, "masks": masks, "metrics": metrics}, Path(self.out_dir) / f"rank{rank}.pt"
         )
@@ -56,10 +58,8 @@ def run_ddp(tmp_path, ascent_sync):
         model="small_cnn",
         num_classes=4,
         in_channels=3,
-        eps=0.1,
-        step_size=0.03,
-        attack_steps=2,
-        eval_pgd_steps=2,
+        threat=ThreatModel(eps=0.1, step_size=0.03, steps=2),
+        evaluation=EvalProtocol(pgd_steps=2),
         sparsity=0.8,
         gamma=0.1,
         warmup_epochs=0,
@@ -118,10 +118,8 @@ def test_ddp_test_counts_every_image_once(tmp_path):
             model="small_cnn",
             num_classes=4,
             in_channels=3,
-            eps=0.1,
-            step_size=0.03,
-            eval_pgd_steps=2,
-            aa_images=0,
+            threat=ThreatModel(eps=0.1, step_size=0.03),
+            evaluation=EvalProtocol(pgd_steps=2, aa_images=0),
         )
         dm = RobustDataModule("synthetic", batch_size=8, synthetic_samples=165)
         root = tmp_path / f"d{devices}"
@@ -195,7 +193,7 @@ def test_every_stage_and_test_under_ddp_with_the_default_logger_and_callbacks(tm
     out = _s2ap(
         "test", "--config", "configs/stages/finetune.yaml", "--config", "configs/data/synthetic.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--data.synthetic_samples", "256", "--ckpt_path", str(ckpt), "--model.aa_images", "0",
+        "--data.synthetic_samples", "256", "--ckpt_path", str(ckpt), "--model.evaluation.aa_images", "0",
         "--checkpoint.dirpath", str(tmp_path / "test"),
     )  # fmt: skip
     record = json.loads(ckpt.with_suffix(".eval.json").read_text())
@@ -214,7 +212,7 @@ class DivergingPruner(ScoreSpaceSAMPruner):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_rank == 1:
             with torch.no_grad():
-                name, score = next(iter(self.scores.items()))
+                name, score = next(iter(self.method.items()))
                 flat = score.view(-1)
                 kept = flat.abs().argmax()
                 flat[kept] = 0.0
@@ -224,8 +222,8 @@ def test_masks_that_differ_between_ranks_stop_the_run(tmp_path):
     from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 
     pruner = DivergingPruner(
-        model="small_cnn", num_classes=4, in_channels=3, eps=0.1, step_size=0.03, attack_steps=1,
-        eval_pgd_steps=1, sparsity=0.8, warmup_epochs=0,
+        model="small_cnn", num_classes=4, in_channels=3, threat=ThreatModel(eps=0.1, step_size=0.03, steps=1),
+        evaluation=EvalProtocol(pgd_steps=1), sparsity=0.8, warmup_epochs=0,
     )  # fmt: skip
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", limit_train_batches=2, limit_val_batches=1,

@@ -74,6 +74,7 @@ def test_s2ap_test_evaluates_a_legacy_checkpoint_at_its_trained_threat_model(tmp
             "--trainer.accelerator", "cpu",
             "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert code == 0

@@ -43,7 +43,9 @@ def search(tmp_path, pretrained, *extra):
 
 
 def test_a_search_runs_with_a_method_from_a_users_module(tmp_path, pretrained):
-    code, out = search(tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "0.5")
+    code, out = search(
+        tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "0.5"
+    )
     assert code == 0
     saved = torch.load(out / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["method"] == {
@@ -64,20 +66,26 @@ def test_a_search_runs_with_a_method_from_a_users_module(tmp_path, pretrained):
     assert all(torch.equal(rebuilt[n].bool(), m) for n, m in masks.items())
 
 
-def test_resuming_under_another_mask_defining_option_is_refused(tmp_path, pretrained, capsys):
-    code, out = search(tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "0.5")
+def test_testing_under_another_mask_defining_option_is_refused(tmp_path, pretrained, capsys):
+    code, out = search(
+        tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "0.5"
+    )
     assert code == 0
     code = main(
         ["test", *DATA, "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--model", "ScoreSpaceSAMPruner",
          "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "0.25",
-         "--model.evaluation.aa_images", "0", "--ckpt_path", str(out / "last.ckpt")]
+         "--model.evaluation.aa_images", "0", "--ckpt_path", str(out / "last.ckpt"),
+         "--trainer.default_root_dir", str(tmp_path)]
     )  # fmt: skip
     assert code == 2
-    assert "head_keep" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another network than the checkpoint holds" in err and "head_keep" in err
 
 
 def test_a_bad_option_of_the_users_method_fails_before_training(tmp_path, pretrained, capsys):
-    code, out = search(tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "1.5")
+    code, out = search(
+        tmp_path, pretrained, "--model.method", "toy_method.HeadKeep", "--model.method.head_keep", "1.5"
+    )
     assert code == 2
     assert "head_keep=1.5" in capsys.readouterr().err
     assert not out.exists() or not any(out.glob("*.ckpt"))

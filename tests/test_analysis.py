@@ -16,6 +16,7 @@ from s2ap_lightning.analysis.stability import (
     pack_masks,
     unpack_masks,
 )
+from s2ap_lightning.pruning.methods import method_from_config
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 
 
@@ -72,9 +73,9 @@ def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
     # By hand: the loss's own adversary at s, then that loss of w * M(s) in eval mode.
     x_adv = fixed_adversarial(pruner.objective(), x, y, seed=3)
     params = dict(pruner.model.named_parameters())
-    counts = pruner.scores.kept_counts()
+    counts = pruner.method.kept_counts()
     weights = {
-        n: params[n].detach() * straight_through(topk_mask(s, counts[n]), s) for n, s in pruner.scores.items()
+        n: params[n].detach() * straight_through(topk_mask(s, counts[n]), s) for n, s in pruner.method.items()
     }
     with eval_mode(pruner.model):
         expected = pruner.robust_loss(
@@ -133,11 +134,12 @@ def test_analyses_need_only_the_objective_and_the_method_protocol(pruner):
 @pytest.mark.parametrize("base_method", ["hydra", "harp"])
 def test_objective_is_the_function_the_stage_searches_and_evaluates(fast_kwargs, base_method):
     torch.manual_seed(0)
-    pruner = ScoreSpaceSAMPruner(sparsity=0.7, base_method=base_method, robust_loss="trades", **fast_kwargs)
+    method = method_from_config(base_method)
+    pruner = ScoreSpaceSAMPruner(sparsity=0.7, method=method, robust_loss="trades", **fast_kwargs)
     objective = pruner.objective()
     assert objective.model is pruner.model and objective.loss is pruner.robust_loss
-    assert objective.adversary == pruner.train_attack and objective.adversary.eps == fast_kwargs["eps"]
-    evaluated, expected = objective.evaluated_weights(), pruner.weights_for_eval()
+    assert objective.adversary == pruner.threat and objective.adversary.eps == fast_kwargs["threat"].eps
+    evaluated, expected = objective.evaluated_weights(), pruner.evaluated_weights()
     assert evaluated.keys() == expected.keys()
     for name, weight in evaluated.items():
         assert torch.equal(weight, expected[name]) and not weight.requires_grad, name
@@ -320,4 +322,4 @@ def test_evaluation_json_beside_checkpoint(tmp_path, fast_kwargs, synthetic_dm, 
     assert record["pgd_acc"] <= record["clean_acc"] and record["aa_acc"] is not None
     assert set(record["checks"]) >= {"pgd_at_most_clean", "eps0_equals_clean", "more_steps_not_higher"}
     assert record["dataset"]["dataset"] == "synthetic" and record["git_commit"]
-    assert record["hyper_parameters"]["eps"] == fast_kwargs["eps"]
+    assert record["hyper_parameters"]["threat"]["eps"] == fast_kwargs["threat"].eps

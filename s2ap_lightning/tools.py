@@ -27,6 +27,7 @@ from s2ap_lightning.analysis.stability import hamming as distance_of
 from s2ap_lightning.analysis.stability import load_masks
 from s2ap_lightning.checkpoint import load_file, refuse_existing
 from s2ap_lightning.data import RobustDataModule, split_tensors
+from s2ap_lightning.evaluation.callback import trained_threat
 from s2ap_lightning.export import export as export_file
 from s2ap_lightning.export import plain_model
 from s2ap_lightning.jobs.cells import load_spec
@@ -74,7 +75,7 @@ def _fixed_subset(
 def _pruner(path: str) -> tuple[ScoreSpaceSAMPruner, dict]:
     """A mask-search checkpoint's stage (in eval mode, on the CPU) and the checkpoint itself."""
     checkpoint = load_file(path)
-    if not any(k.startswith("scores.") for k in checkpoint.get("state_dict", {})):
+    if not any(k.startswith(("method.", "scores.")) for k in checkpoint.get("state_dict", {})):
         raise ValueError(f"{path}: not a mask-search checkpoint (no scores); pass a prune-stage checkpoint")
     module = ScoreSpaceSAMPruner.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     return module.eval(), checkpoint
@@ -255,7 +256,7 @@ def security(
     curve = security_curve(model, x, y, np.linspace(0, top, 41), norm, steps)
     Path(prefix + ".json").write_text(json.dumps(curve.__dict__, indent=2) + "\n")
     curve.plot(prefix + ".png")
-    train_eps = ckpt["hyper_parameters"].get("eps")
+    train_eps = trained_threat(ckpt["hyper_parameters"])["eps"]
     print(
         f"robust accuracy at the training eps {train_eps}: {curve.accuracy_at(train_eps):.4f} "
         f"({len(x)} images); written {prefix}.png and .json"

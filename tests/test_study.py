@@ -226,4 +226,6 @@ def test_data_config_model_block_with_or_without_init_args(tmp_path):
         path = tmp_path / "data.yaml"
         path.write_text(f"data: {{dataset: synthetic}}\n{block}\n")
         data, model = StudySpec(name="x", data_config=str(path)).data_settings()
-        assert data == {"dataset": "synthetic"} and model == {"eps": 0.2, "step_size": 0.05}, block
+        assert data == {"dataset": "synthetic"} and model == {"threat": {"eps": 0.2, "step_size": 0.05}}, (
+            block
+        )

@@ -170,7 +170,7 @@ def test_readme_own_data_study_spec_parses_and_builds_the_datamodule(tmp_path, m
 
     data_kw, model_kw = spec.data_settings()
     assert data_kw == {"dataset": "imagefolder", "data_dir": "mydata", "batch_size": 64}
-    assert model_kw == {"model": "small_cnn", "eps": 0.1, "step_size": 0.025, "attack_steps": 10}
+    assert model_kw == {"model": "small_cnn", "threat": {"eps": 0.1, "step_size": 0.025, "steps": 10}}
     dm = RobustDataModule(**data_kw)
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 3, 12)
 

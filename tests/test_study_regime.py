@@ -208,3 +208,30 @@ def test_no_collapse_is_stated_as_such(tmp_path):
         "collapsed member"
         not in text.split("## Paired difference")[1].split("## Gamma")[0].split("\n\n", 2)[2]
     )
+
+
+def preset(name):
+    from s2ap_lightning.tools import run_tool
+
+    spec = run_tool(StudySpec, ["--config", str(ROOT / "configs" / "study" / f"{name}.yaml")], "study")
+    spec.data_settings()  # the data config and its keys exist
+    return spec
+
+
+def test_the_issue_20_presets_ask_for_what_the_issue_asks(monkeypatch):
+    monkeypatch.chdir(ROOT)  # data_config paths are relative to the repository, as `s2ap study` runs them
+    digits = preset("digits_mlp")
+    assert digits.model == "mlp" and digits.data["dataset"] == "digits" and digits.eps == 0.1
+    assert {0.99, 0.995, 0.998} <= set(digits.sparsities) and max(digits.sparsities) > 0.998, "past collapse"
+    assert len(digits.seeds_at(0.998)) >= 20 and min(len(digits.seeds_at(s)) for s in digits.sparsities) >= 10
+    assert digits.gammas == [0.001, 0.005, 0.01, 0.05] and digits.aa_images >= 359, (
+        "AutoAttack on every image"
+    )
+    harp = preset("digits_harp")
+    assert harp.base_methods == ["harp"] and len(harp.sparsities) == 1 and len(harp.seeds) >= 10
+    mnist = preset("mnist_5k_strong")
+    assert mnist.data_settings()[0]["dataset"] == "mnist_5k" and len(mnist.seeds) >= 5
+    for spec in (digits, harp, mnist):
+        assert spec.arms == ["plain", "awp"] and spec.workers == 2 and spec.launcher == "local"
+        text = (ROOT / "configs" / "study" / f"{spec.name}.yaml").read_text()
+        assert "Sizing" in text and "/ 2 workers" in text, "the sizing arithmetic heads the preset"

@@ -235,3 +235,14 @@ def test_the_issue_20_presets_ask_for_what_the_issue_asks(monkeypatch):
         assert spec.arms == ["plain", "awp"] and spec.workers == 2 and spec.launcher == "local"
         text = (ROOT / "configs" / "study" / f"{spec.name}.yaml").read_text()
         assert "Sizing" in text and "/ 2 workers" in text, "the sizing arithmetic heads the preset"
+
+
+def test_every_spec_key_is_in_the_readme_table():
+    from dataclasses import fields
+
+    section = (
+        (ROOT / "README.md").read_text().split("\n## Does S2AP help? `s2ap study`\n", 1)[1].split("\n## ")[0]
+    )
+    table = section.split("**Spec keys**", 1)[1].split("\n\n", 2)[1]
+    named = {key for line in table.splitlines() for key in re.findall(r"`(\w+)`", line.split("|")[1])}
+    assert {f.name for f in fields(StudySpec)} <= named, sorted({f.name for f in fields(StudySpec)} - named)

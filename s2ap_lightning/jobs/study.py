@@ -9,7 +9,10 @@ Fairness rules, enforced by how the grid is built:
   mask has the best PGD accuracy on the validation split (``w_pretrained * M(s*)``); test data is
   never read before a gamma is chosen.
 * **Identical finetuning.** The base method's mask and the chosen S2AP mask are finetuned with the same
-  recipe (AWP on for both or off for both), the same epochs, learning rate and seed.
+  recipe, the same epochs, learning rate and seed; with several finetuning arms (plain, AWP) each arm
+  finetunes both, and pairs are formed within an arm.
+* **Collapsed models are named.** A finetuned model no better than its majority class is marked
+  collapsed and its pair is left out of the paired reading (counted in ``study.md``).
 * **One evaluation protocol.** Finetuned models are evaluated by :mod:`s2ap_lightning.evaluation`
   (clean, PGD, AutoAttack on a class-stratified sample, gradient-masking checks).
 

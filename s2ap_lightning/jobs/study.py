@@ -184,8 +184,9 @@ def run_parallel(spec: StudySpec) -> None:
         initializer=_init_worker,
         initargs=(asdict(spec), threads),
     )
+    broken = False  # a worker died: the pool takes no more cells
     try:
-        while pending or running:
+        while (pending and not broken) or running:
             for cell in list(pending):  # cells after a failed one cannot run
                 if any(d in failed or d in skipped for d in needs[cell.key]):
                     skipped.append(cell.key)
@@ -194,7 +195,7 @@ def run_parallel(spec: StudySpec) -> None:
                 (c for c in pending if all(d in done for d in needs[c.key])),
                 key=lambda c: (_PRIORITY[c.kind], order[c.key]),
             )
-            for cell in ready[: spec.workers - len(running)]:
+            for cell in [] if broken else ready[: spec.workers - len(running)]:
                 pending.remove(cell)
                 running[pool.submit(_worker_cell, asdict(cell))] = (cell, time.time())
                 n_started += 1
@@ -213,7 +214,10 @@ def run_parallel(spec: StudySpec) -> None:
                 try:
                     wall = future.result()
                 except BrokenProcessPool as error:
-                    failed[cell.key] = f"its worker process died ({_error_text(error)})"
+                    broken = True
+                    failed[cell.key] = (
+                        f"a worker process died, killed or out of memory ({_error_text(error)})"
+                    )
                     print(f"cell {cell.key} FAILED: {failed[cell.key]}", flush=True)
                 except Exception as error:  # noqa: BLE001 - any failure of a cell is reported, not raised
                     failed[cell.key] = _error_text(error)
@@ -232,6 +236,7 @@ def run_parallel(spec: StudySpec) -> None:
         raise CellsFailed(
             f"{len(failed)} cell(s) of study {spec.name} failed"
             + (f" and {len(skipped)} that depend on them did not run" if skipped else "")
+            + (f"; {len(pending)} others were not started after a worker died" if broken and pending else "")
             + ":\n"
             + "\n".join(lines)
             + "\nThe finished cells are kept: fix the cause and run the same command again to resume."

@@ -129,3 +129,34 @@ def test_a_test_record_is_a_row():
     assert (dense.variant, dense.sparsity, dense.gamma) == ("dense", 0.0, None)
     finetuned = record_row({**record, "hyper_parameters": {"awp_gamma": 0.005}}, "f.json")
     assert (finetuned.variant, finetuned.finetune, finetuned.sparsity) == ("", "awp", None)
+
+
+def test_a_collapsed_model_is_named_collapsed_not_failed_masking(tmp_path):
+    common = {"seed": 1, "dataset": "digits", "threat": "linf eps 0.1", "n_test": 359, "n_aa": 100}
+    down = ResultRow(base_method="hydra", variant="base", sparsity=0.999, finetune="plain", stage="finetune",
+                     clean_acc=0.11, pgd_acc=0.11, aa_acc=0.1, checks_passed=False, check_failures=[],
+                     collapsed=True, majority_class_rate=0.1, source="seed1/finetune/x", **common)  # fmt: skip
+    assert not down.masking_failed and rows()[2].masking_failed
+    path = write_results_csv([*rows(), down], tmp_path / "results.csv")
+    assert read_results_csv(path)[-1] == down, "collapsed and majority_class_rate survive the CSV"
+    text = write_report(tmp_path, [*rows(), down], title="t").read_text()
+    line = next(row for row in text.splitlines() if "`seed1/finetune/x`" in row)
+    assert line.endswith("| collapsed |")
+    assert "**1 evaluation(s) FAILED a gradient-masking check:**" in text, "the collapsed one is not counted"
+
+    # A record of `s2ap test`: the checks a collapsed model failed are not listed as masking.
+    record = {
+        "clean_acc": 0.1,
+        "pgd_acc": 0.1,
+        "collapsed": True,
+        "majority_class_rate": 0.1,
+        "all_checks_passed": False,
+        "checks": {
+            "more_steps_not_higher": {"passed": False, "verdict": "collapsed", "detail": "a"},
+            "eps0_equals_clean": {"passed": False, "verdict": "failed", "detail": "b"},
+        },
+        "hyper_parameters": {"awp_gamma": 0.0},
+    }
+    row = record_row(record, "f.json")
+    assert row.collapsed and row.majority_class_rate == 0.1
+    assert row.check_failures == ["eps0_equals_clean: b"]

@@ -184,6 +184,40 @@ BAD_SPECS = [
     ({"base_methods": []}, r"base_methods=\[\]: the grid is empty"),
     ({"data": {"batchsize": 64}}, r"data: 'batchsize' is not a DataModule setting; valid: dataset, "),
     ({"model": "resnet7"}, r"model='resnet7' is unknown; valid: "),
+    # issue 20: finetuning arms, extra seeds, workers, collapse margin, method options
+    (
+        {"finetune_arms": ["plain", "sam"]},
+        r"finetune_arms=\['plain', 'sam'\]: 'sam' is not valid; valid: plain, awp",
+    ),
+    ({"finetune_arms": []}, r"finetune_arms=\[\]: the grid is empty"),
+    ({"finetune_arms": ["awp", "awp"]}, r"finetune_arms=\['awp', 'awp'\]: 'awp' is repeated"),
+    (
+        {"finetune_arms": ["awp"], "awp_gamma": 0.0},
+        r"finetune_arms=\['awp'\] has an awp arm without AWP settings",
+    ),
+    (
+        {"finetune_arms": ["plain"], "awp": True},
+        r"awp=true asks for AWP finetuning, but finetune_arms=\['plain'\]",
+    ),
+    (
+        {"extra_seeds": {0.9: [5]}},
+        r"extra_seeds: sparsity 0.9 is not in sparsities=\[0.8\]; valid: one of sparsities",
+    ),
+    ({"extra_seeds": {0.8: [2]}}, r"extra_seeds\[0.8\]=\[2\]: seed 2 is already in seeds=\[1, 2\]"),
+    ({"extra_seeds": {0.8: [5, 5]}}, r"extra_seeds\[0.8\]=\[5, 5\]: 5 is repeated"),
+    ({"extra_seeds": {0.8: 5}}, r"extra_seeds\[0.8\]=5 must be a list of seeds"),
+    ({"extra_seeds": {"dense": [5]}}, r"extra_seeds: key 'dense' is not a sparsity"),
+    ({"workers": 0}, r"workers=0 must be an integer >= 1"),
+    ({"workers": 2, "launcher": "slurm"}, r"workers=2 runs cells in local processes, but launcher='slurm'"),
+    ({"collapse_margin": 1.5}, r"collapse_margin=1.5 must lie in \[0, 1\)"),
+    (
+        {"method_options": {"harp": {"size_loss_weight": 5}}},
+        r"method_options: 'harp' is not one of base_methods",
+    ),
+    (
+        {"method_options": {"hydra": {"speed": 1}}},
+        r"method_options\[hydra\]: method 'hydra' has no option speed",
+    ),
 ]
 
 

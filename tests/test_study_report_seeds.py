@@ -117,12 +117,12 @@ def test_study_md_with_two_and_ten_seeds(tmp_path, seeds):
         pgd = {1: (0.40, 0.45), 2: (0.50, 0.18)}  # differences +5 and -32 points
     write_fake_study(spec, pgd)
     text = write_study_report(spec).read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| hydra | 0.9 | pgd |"))
+    row = next(line for line in text.splitlines() if line.startswith("| hydra | plain | 0.9 | pgd |"))
     half_widths = [float(h) for h in re.findall(r"± (\d+\.\d)", text)]
     if len(seeds) == 2:
         assert f"-13.5 ± {TOO_FEW}" in row and "too few seeds to tell" in row
         assert not half_widths, "no interval at all is printed with 2 seeds"
-        assert f"| hydra | 0.9 | 2 | 80.0 ± {TOO_FEW} |" in text
+        assert f"| hydra | plain | 0.9 | 2 | 80.0 ± {TOO_FEW} |" in text
     else:
         assert half_widths and max(half_widths) < 10, half_widths
         assert TOO_FEW not in text and "too few seeds" not in row
@@ -187,10 +187,27 @@ def test_a_committed_study_folder_of_an_older_version_is_reported_with_the_same_
     shutil.copy(committed / "spec.yaml", tmp_path / "spec.yaml")
     assert main(["report", str(tmp_path)]) == 0
 
-    def statistics(text):
-        return text.split("## Accuracy per method")[1].split("## Mask statistics")[0]
+    def table(text, heading):
+        block = text.split(heading)[1].split("\n## ")[0]
+        lines = [line for line in block.splitlines() if line.startswith("| ")][1:]  # rows without the header
+        return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
-    assert statistics((tmp_path / "study.md").read_text()) == statistics((committed / "study.md").read_text())
+    old, new = (committed / "study.md").read_text(), (tmp_path / "study.md").read_text()
+    # The same figures, now with the finetuning arm (plain: the folder's awp: false) and a collapsed
+    # count (0: its records predate the flag); the gamma table lists the seeds' values in one column.
+    accuracy = {(r[0], r[1]): r[2:] for r in table(old, "## Accuracy per method")}
+    assert {
+        (r[0], r[2]): [r[3], r[4], r[5], r[6], r[8]] for r in table(new, "## Accuracy per method")
+    } == accuracy
+    assert {r[1] for r in table(new, "## Accuracy per method")} == {"-", "plain"}
+    paired_old = {(r[0], r[1], r[2]): r[3:] for r in table(old, "## Paired difference")}
+    paired_new = {(r[0], r[2], r[3]): [*r[4:7], r[8]] for r in table(new, "## Paired difference")}
+    assert paired_new == paired_old and {r[1] for r in table(new, "## Paired difference")} == {"plain"}
+    gammas_old = {
+        (r[0], r[1], r[2]): [", ".join(r[3:8]), r[8], r[9]] for r in table(old, "## Gamma sensitivity")
+    }
+    assert {(r[0], r[1], r[2]): r[4:] for r in table(new, "## Gamma sensitivity")} == gammas_old
+    assert table(new, "## Mask statistics") == table(old, "## Mask statistics")
     rows = read_results_csv(tmp_path / "study.csv")
     finals = [r for r in rows if r.selected and r.variant != "dense"]
     assert len(rows) == 5 * (1 + 2 * 5) and len(finals) == 5 * 2 * 2

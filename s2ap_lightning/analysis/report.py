@@ -56,7 +56,13 @@ class ResultRow:
         n_test: images behind ``clean_acc`` and ``pgd_acc``.
         n_aa: images behind ``aa_acc``.
         checks_passed: whether every gradient-masking check of the evaluation passed.
-        check_failures: the failed checks, each ``name: detail``.
+        check_failures: the failed checks that point at gradient masking or a broken evaluation, each
+            ``name: detail`` (a collapsed model's failed checks are not listed: see ``collapsed``).
+        collapsed: the model does no better than always answering the most common class (clean
+            accuracy at most the majority-class rate plus the protocol's ``collapse_margin``): its
+            failed checks are expected, not evidence of masking, and a study leaves it out of the
+            paired reading. None where the record does not say (older versions).
+        majority_class_rate: the share of the evaluated images in their most common class.
         val_mask_pgd_acc: validation PGD accuracy of the searched mask before finetuning (selects gamma).
         n_val: validation images behind ``val_mask_pgd_acc``.
         mask_pgd_acc: test PGD accuracy of the pretrained weights under the searched mask.
@@ -90,6 +96,8 @@ class ResultRow:
     n_aa: int | None = None
     checks_passed: bool | None = None
     check_failures: list[str] = field(default_factory=list)
+    collapsed: bool | None = None
+    majority_class_rate: float | None = None
     val_mask_pgd_acc: float | None = None
     n_val: int | None = None
     mask_pgd_acc: float | None = None
@@ -122,6 +130,11 @@ class ResultRow:
         return self.base_method or self.stage or "?"
 
     @property
+    def masking_failed(self) -> bool:
+        """A failed gradient-masking check on a model that is not collapsed (a collapsed one is named so)."""
+        return self.checks_passed is False and not self.collapsed
+
+    @property
     def evaluated(self) -> bool:
         """Whether the row has test figures (a search that was not finetuned has none)."""
         return self.clean_acc is not None
@@ -149,6 +162,8 @@ class ResultRow:
             n_aa=record.n_aa_images,
             checks_passed=record.passed,
             check_failures=list(record.failures()),
+            collapsed=record.collapsed,
+            majority_class_rate=record.majority_class_rate,
             autoattack=record.autoattack,
         )
 
@@ -286,7 +301,14 @@ def record_row(record: Mapping[str, Any], source: str) -> ResultRow:
         n_test=record.get("n_images"),
         n_aa=record.get("n_aa_images"),
         checks_passed=record.get("all_checks_passed"),
-        check_failures=[f"{n}: {c.get('detail')}" for n, c in checks.items() if not c.get("passed")],
+        # Failed checks of a collapsed model (verdict `collapsed`) are not masking; old records: no verdict.
+        check_failures=[
+            f"{n}: {c.get('detail')}"
+            for n, c in checks.items()
+            if c.get("verdict", "passed" if c.get("passed") else "failed") == "failed"
+        ],
+        collapsed=record.get("collapsed"),
+        majority_class_rate=record.get("majority_class_rate"),
         dataset=str((record.get("dataset") or {}).get("dataset", "?")),
         threat=_record_threat(record),
         autoattack=record.get("autoattack"),
@@ -336,8 +358,15 @@ TABLE_COLUMNS: list[tuple[str, Callable[[ResultRow], str | None]]] = [
     ("Hamming, last epoch", lambda r: _num(r.mask_hamming_last_epoch)),
     ("lambda_max", lambda r: _num(r.lambda_max)),
     ("global sparsity", lambda r: _num(r.global_sparsity, ".4f")),
-    ("checks", lambda r: None if r.checks_passed is None else ("ok" if r.checks_passed else "FAILED")),
+    ("checks", lambda r: _checks_cell(r)),
 ]
+
+
+def _checks_cell(row: ResultRow) -> str | None:
+    # A collapsed model is named as such: its failed checks are not evidence of gradient masking.
+    if row.collapsed:
+        return "collapsed"
+    return None if row.checks_passed is None else ("ok" if row.checks_passed else "FAILED")
 
 
 def results_table(rows: Sequence[ResultRow]) -> list[str]:
@@ -357,7 +386,9 @@ TABLE_NOTE = (
     "class-stratified sample in brackets. `mask PGD` is the pretrained weights under the searched mask, "
     "before finetuning; `lambda_max` (score-space sharpness: the top Hessian eigenvalue of the robust "
     "loss w.r.t. the scores) is measured on a fixed validation subset; `Hamming, last epoch` is the "
-    "fraction of mask entries the last search epoch flipped. `checks`: the gradient-masking checks."
+    "fraction of mask entries the last search epoch flipped. `checks`: the gradient-masking checks; "
+    "`collapsed`: clean accuracy within the collapse margin of the majority-class rate (the model "
+    "answers one class; its failed checks are expected and are not read as masking)."
 )
 
 
@@ -412,7 +443,7 @@ def write_report(
         lines += [*([""] if lines[-1] else []), f"## {heading}", ""]
         lines += results_table([r for r in evaluated if (r.dataset, r.threat) == (dataset, threat)])
     lines += ["", TABLE_NOTE]
-    failed = [r for r in evaluated if r.checks_passed is False]
+    failed = [r for r in evaluated if r.masking_failed]
     if failed:
         lines += ["", f"**{len(failed)} evaluation(s) FAILED a gradient-masking check:**", ""]
         lines += [

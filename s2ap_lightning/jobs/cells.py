@@ -23,11 +23,11 @@ import lightning as L
 import torch
 import yaml
 
-from s2ap_lightning.analysis.report import ResultRow
+from s2ap_lightning.analysis.report import FINETUNE_ARMS, ResultRow
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.checkpoint import load_file, model_state_dict
 from s2ap_lightning.data import RobustDataModule, split_tensors
-from s2ap_lightning.evaluation import write_record
+from s2ap_lightning.evaluation import EvalProtocol, write_record
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model, sparsity_table
 from s2ap_lightning.jobs.common import (
@@ -39,7 +39,7 @@ from s2ap_lightning.jobs.common import (
     threat_of,
 )
 from s2ap_lightning.models import MODELS
-from s2ap_lightning.pruning.methods import BASE_METHODS
+from s2ap_lightning.pruning.methods import BASE_METHODS, method_from_config
 from s2ap_lightning.stages import ScoreSpaceSAMPruner
 from s2ap_lightning.stages.callbacks import MaskStabilityCallback
 from s2ap_lightning.stages.hparams import upgrade_checkpoint_hparams
@@ -83,9 +83,15 @@ class StudySpec:
         step_size: PGD step size, over the data config's.
         out: study folder (default ``results/<name>``).
         base_methods: ``hydra`` and/or ``harp``.
+        method_options: options of a base method over its defaults, ``{harp: {size_loss_weight: 5}}``
+            (the same for its search alone and under S2AP).
         sparsities: pruned fractions, each in (0, 1).
         gammas: S2AP's score-space radii; one search per gamma, the best on validation is kept.
-        seeds: one robust pretraining per seed, shared by every method of that seed.
+        seeds: one robust pretraining per seed, shared by every method of that seed; every sparsity
+            runs every one of them.
+        extra_seeds: more seeds at some sparsities, ``{sparsity: [seed, ...]}`` (e.g. 20 seeds where
+            the answer is close, 10 elsewhere). Each extra seed has its own pretraining, shared by
+            every sparsity that lists it; it must not repeat a seed of ``seeds``.
         pretrain_epochs: epochs of robust pretraining.
         prune_epochs: epochs of every mask search.
         warmup_epochs: plain base-method epochs before S2AP starts (the same for every gamma).
@@ -93,15 +99,27 @@ class StudySpec:
         pretrain_lr: SGD learning rate of pretraining.
         prune_lr: SGD learning rate of the scores.
         finetune_lr: SGD learning rate of finetuning.
-        awp: finetune every method with AWP (``awp_gamma``), or none of them.
-        awp_gamma: AWP's relative weight-perturbation radius (> 0), when ``awp`` is on.
+        awp: finetune every method with AWP (``awp_gamma``), or none of them: the one-arm form of
+            ``finetune_arms`` (``[awp]`` or ``[plain]``), kept so that earlier ``spec.yaml`` files
+            still describe their cells.
+        finetune_arms: finetuning recipes, each applied to every method: ``plain`` (adversarial
+            finetuning) and/or ``awp`` (with AWP, the paper's recipe). Each arm finetunes the same
+            searched masks with the same epochs, learning rate and seed; null: the ``awp`` flag's one
+            arm (and the cell names earlier versions wrote).
+        awp_gamma: AWP's relative weight-perturbation radius (> 0), when an arm uses AWP.
         select_pgd_steps: PGD steps of the validation accuracy that chooses gamma.
         eval_pgd_steps: PGD steps of the test evaluation (the weaker check attack runs 10).
         aa_images: test images attacked by AutoAttack (class-stratified, seeded; 0 skips it).
         sharpness_images: validation images of lambda_max, the top Hessian eigenvalue of the robust
             loss w.r.t. the scores after the search (0 skips it).
         sharpness_iters: power iterations of lambda_max.
-        threads: torch CPU threads (0: torch's default).
+        collapse_margin: a finetuned model whose clean test accuracy is at most the majority-class
+            rate plus this margin is *collapsed* (:class:`~s2ap_lightning.evaluation.EvalProtocol`):
+            named as such and left out of the paired reading.
+        threads: torch CPU threads of each cell's process (0: torch's default with one worker, the
+            CPU cores shared out with several).
+        workers: cells run at once by the ``local`` launcher, each in its own process, dependencies
+            respected (a search after its pretraining, a finetuning after its searches).
         accelerator: Lightning accelerator of every stage (``cpu``, ``gpu``, ``auto``).
         precision: Lightning precision of every stage (``32-true``, ``bf16-mixed``).
         attack_precision: precision of the training attacks of every stage (``fp32`` or
@@ -123,9 +141,11 @@ class StudySpec:
     step_size: float | None = None
     out: str | None = None
     base_methods: list[str] = field(default_factory=lambda: ["hydra"])
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.99])
     gammas: list[float] = field(default_factory=lambda: [0.001, 0.005, 0.05])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    extra_seeds: dict[float, list[int]] = field(default_factory=dict)
     pretrain_epochs: int = 20
     prune_epochs: int = 10
     warmup_epochs: int = 2
@@ -134,13 +154,16 @@ class StudySpec:
     prune_lr: float = 0.1
     finetune_lr: float = 0.01
     awp: bool = False
+    finetune_arms: list[str] | None = None
     awp_gamma: float | None = 0.005
     select_pgd_steps: int = 20
     eval_pgd_steps: int = 20
     aa_images: int = 200
     sharpness_images: int = 256
     sharpness_iters: int = 20
+    collapse_margin: float = EvalProtocol.collapse_margin
     threads: int = 0
+    workers: int = 1
     accelerator: str = "cpu"
     precision: str = "32-true"
     attack_precision: str = "fp32"
@@ -162,6 +185,9 @@ class StudySpec:
                 f"awp=true without AWP settings: awp_gamma={self.awp_gamma!r} must be > 0 (AWP's relative "
                 "weight-perturbation radius, e.g. 0.005), or set awp: false"
             )
+        self._check_arms()
+        self._check_extra_seeds()
+        self._check_method_options()
         if self.attack_precision not in ATTACK_PRECISIONS:
             valid = ", ".join(ATTACK_PRECISIONS)
             raise ValueError(f"attack_precision={self.attack_precision!r} is unknown; valid: {valid}")
@@ -177,6 +203,18 @@ class StudySpec:
         for name in ("aa_images", "sharpness_images", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers={self.workers!r} must be an integer >= 1 (cells run at once)")
+        if self.workers > 1 and self.launcher != "local":
+            raise ValueError(
+                f"workers={self.workers} runs cells in local processes, but launcher={self.launcher!r} "
+                "runs each cell as its own job: set workers: 1, or launcher: local"
+            )
+        if not 0.0 <= self.collapse_margin < 1.0:
+            raise ValueError(
+                f"collapse_margin={self.collapse_margin} must lie in [0, 1) (a fraction of the test images, "
+                "e.g. 0.02: two points above the majority-class rate)"
+            )
         if not 0 <= self.warmup_epochs < self.prune_epochs:
             raise ValueError(
                 f"warmup_epochs={self.warmup_epochs} must lie in [0, prune_epochs={self.prune_epochs})"
@@ -189,6 +227,92 @@ class StudySpec:
         _check_data_keys(self.data, "data")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher={self.launcher!r} is unknown; valid: {', '.join(LAUNCHERS)}")
+
+    def _check_arms(self) -> None:
+        if self.finetune_arms is None:
+            return
+        _check_grid(
+            "finetune_arms", self.finetune_arms, ", ".join(FINETUNE_ARMS), lambda a: a in FINETUNE_ARMS
+        )
+        if self.awp and "awp" not in self.finetune_arms:
+            raise ValueError(
+                f"awp=true asks for AWP finetuning, but finetune_arms={self.finetune_arms!r} has no awp arm: "
+                "add awp to finetune_arms, or set awp: false"
+            )
+        if "awp" in self.finetune_arms and not (self.awp_gamma is not None and self.awp_gamma > 0):
+            raise ValueError(
+                f"finetune_arms={self.finetune_arms!r} has an awp arm without AWP settings: "
+                f"awp_gamma={self.awp_gamma!r} must be > 0 (e.g. 0.005)"
+            )
+
+    def _check_extra_seeds(self) -> None:
+        if not isinstance(self.extra_seeds, dict):
+            raise ValueError(
+                f"extra_seeds={self.extra_seeds!r} must map a sparsity to a list of seeds, "
+                "e.g. {0.998: [11, 12]}"
+            )
+        normalised = {}
+        for sp, extra in self.extra_seeds.items():
+            try:  # a YAML key 0.998 is a float already; a JSON flag's "0.998" is not
+                normalised[float(sp)] = extra
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"extra_seeds: key {sp!r} is not a sparsity; valid: one of sparsities"
+                ) from None
+        self.extra_seeds = normalised
+        for sp, extra in self.extra_seeds.items():
+            if sp not in self.sparsities:
+                raise ValueError(
+                    f"extra_seeds: sparsity {sp!r} is not in sparsities={self.sparsities!r}; "
+                    "valid: one of sparsities"
+                )
+            if not isinstance(extra, list):
+                raise ValueError(f"extra_seeds[{sp:g}]={extra!r} must be a list of seeds")
+            _check_grid(f"extra_seeds[{sp:g}]", extra, "distinct integers", lambda s: isinstance(s, int))
+            shared = [s for s in extra if s in self.seeds]
+            if shared:
+                raise ValueError(
+                    f"extra_seeds[{sp:g}]={extra!r}: seed {shared[0]} is already in seeds={self.seeds!r} "
+                    "(which run at every sparsity); give each seed once"
+                )
+
+    def _check_method_options(self) -> None:
+        for name in self.method_options:
+            if name not in self.base_methods:
+                raise ValueError(
+                    f"method_options: {name!r} is not one of base_methods={self.base_methods!r}; valid: "
+                    f"{', '.join(self.base_methods)}"
+                )
+            try:
+                self.method_config(name)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"method_options[{name}]: {error}") from None
+
+    def method_config(self, name: str) -> str | dict[str, Any]:
+        """The base method ``name`` as its search builds it: the name, or its options over the defaults."""
+        options = self.method_options.get(name)
+        if not options:
+            return name
+        method_from_config({"class_path": name, "init_args": dict(options)})  # an unknown option fails here
+        return {"class_path": name, "init_args": dict(options)}
+
+    @property
+    def arms(self) -> list[str]:
+        """The finetuning arms: ``finetune_arms``, or the one arm of the ``awp`` flag."""
+        return (
+            list(self.finetune_arms) if self.finetune_arms is not None else ["awp" if self.awp else "plain"]
+        )
+
+    def seeds_at(self, sparsity: float) -> list[int]:
+        """The seeds of one sparsity: ``seeds``, then that sparsity's ``extra_seeds``."""
+        return [*self.seeds, *self.extra_seeds.get(sparsity, [])]
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed of the study (one pretraining each): ``seeds``, then the extra ones by sparsity."""
+        return list(
+            dict.fromkeys([*self.seeds, *(s for sp in self.sparsities for s in self.extra_seeds.get(sp, []))])
+        )
 
     @property
     def folder(self) -> Path:
@@ -269,6 +393,8 @@ class Cell:
         variant: search and finetune: ``base`` or ``s2ap``.
         gamma: an ``s2ap`` search: its S2AP radius (> 0). Otherwise 0: a finetune cell's S2AP gamma
             is chosen on validation when it runs.
+        arm: finetune: the finetuning arm (``plain`` or ``awp``), part of the cell's name; ``""``:
+            the spec's ``awp`` flag decides, and the cell has the name earlier versions gave it.
 
     """
 
@@ -278,6 +404,7 @@ class Cell:
     sparsity: float = 0.0
     variant: str = ""
     gamma: float = 0.0
+    arm: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -294,6 +421,11 @@ class Cell:
             )
         if self.kind == "finetune" and self.gamma:
             raise ValueError(f"finetune cell: gamma={self.gamma}: S2AP's gamma is chosen on validation")
+        if self.arm and (self.kind != "finetune" or self.arm not in FINETUNE_ARMS):
+            raise ValueError(
+                f"{self.kind} cell: arm={self.arm!r}: only finetune cells have an arm, one of "
+                f"{', '.join(FINETUNE_ARMS)}"
+            )
 
     @classmethod
     def pretrain(cls, seed: int) -> Cell:
@@ -305,8 +437,8 @@ class Cell:
         return cls("search", seed, base_method, sparsity, "s2ap" if gamma > 0 else "base", gamma)
 
     @classmethod
-    def finetune(cls, seed: int, base_method: str, sparsity: float, variant: str) -> Cell:
-        return cls("finetune", seed, base_method, sparsity, variant)
+    def finetune(cls, seed: int, base_method: str, sparsity: float, variant: str, arm: str = "") -> Cell:
+        return cls("finetune", seed, base_method, sparsity, variant, arm=arm)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -329,15 +461,26 @@ class Cell:
         tag = f"{self.base_method}_sp{self.sparsity:g}"
         if self.kind == "search":
             return f"seed{self.seed}/search/{tag}_g{self.gamma:g}"
-        return f"seed{self.seed}/finetune/{tag}_{self.variant}"
+        return f"seed{self.seed}/finetune/{tag}_{self.variant}" + (f"_{self.arm}" if self.arm else "")
+
+    def arm_of(self, spec: StudySpec) -> str:
+        """The finetuning arm this finetune cell runs: its own, or the one of the spec's ``awp`` flag."""
+        return self.arm or spec.arms[0]
 
 
 def cells_of(spec: StudySpec) -> list[list[Cell]]:
-    """The grid in dependency waves: pretraining, then mask searches, then finetuning."""
-    pretrain = [Cell.pretrain(s) for s in spec.seeds]
-    grid = [(s, m, sp) for s in spec.seeds for m in spec.base_methods for sp in spec.sparsities]
+    """The grid in dependency waves: pretraining, then mask searches, then finetuning.
+
+    Every seed of a sparsity (``seeds`` and that sparsity's ``extra_seeds``) gets the base method's
+    search and one per gamma, and each finetuning arm finetunes the base mask and the chosen S2AP
+    mask. A spec without ``finetune_arms`` names its finetune cells as earlier versions did.
+    """
+    pretrain = [Cell.pretrain(s) for s in spec.all_seeds]
+    grid = [(s, m, sp) for s in spec.all_seeds for m in spec.base_methods for sp in spec.sparsities
+            if s in spec.seeds_at(sp)]  # fmt: skip
     search = [Cell.search(s, m, sp, g) for s, m, sp in grid for g in [0.0, *spec.gammas]]
-    finetune = [Cell.finetune(s, m, sp, v) for s, m, sp in grid for v in VARIANTS]
+    arms = spec.finetune_arms if spec.finetune_arms is not None else [""]
+    finetune = [Cell.finetune(s, m, sp, v, a) for s, m, sp in grid for a in arms for v in VARIANTS]
     return [pretrain, search, finetune]
 
 
@@ -410,6 +553,7 @@ class StudyContext:
             pgd_steps=spec.eval_pgd_steps,
             aa_images=spec.aa_images,
             seed=seed,
+            collapse_margin=spec.collapse_margin,
         )
 
 
@@ -477,7 +621,7 @@ def _search(spec: StudySpec, cell: Cell, ctx: StudyContext, folder: Path) -> tup
         init_from=pretrained,
         sparsity=cell.sparsity,
         gamma=cell.gamma,
-        base_method=cell.base_method,
+        base_method=spec.method_config(cell.base_method),
         warmup_epochs=spec.warmup_epochs if cell.variant == "s2ap" else 0,
     )
     stage_trainer(folder, spec.prune_epochs, spec.progress, [stability], **spec.trainer_settings()).fit(
@@ -552,7 +696,7 @@ def _finetune(
         ctx.settings,
         lr=spec.finetune_lr,
         init_from=search["checkpoint"],
-        awp_gamma=spec.awp_gamma if spec.awp else 0.0,
+        awp_gamma=spec.awp_gamma if cell.arm_of(spec) == "awp" else 0.0,
     )
     stage_trainer(folder, spec.finetune_epochs, spec.progress, **spec.trainer_settings()).fit(
         finetuner, datamodule=ctx.dm
@@ -571,7 +715,7 @@ def _finetune(
         variant=cell.variant,
         sparsity=cell.sparsity,
         gamma=gamma if cell.variant == "s2ap" else None,
-        finetune="awp" if spec.awp else "plain",
+        finetune=cell.arm_of(spec),
         stage="finetune",
         val_mask_pgd_acc=searched.val_mask_pgd_acc,
         n_val=searched.n_val,
@@ -595,25 +739,27 @@ def _finetune(
 def study_rows(spec: StudySpec) -> list[ResultRow]:
     """One row per run of a finished study: the dense model of each seed, then every search.
 
-    The searches that were finetuned (``selected``) carry their finetuned model's test figures.
+    The searches that were finetuned (``selected``) carry their finetuned model's test figures, one
+    row per finetuning arm (the search's wall time is counted in each of them).
     """
     pretrain, search, finetune = cells_of(spec)
     rows = [ResultRow.from_dict(_finished(spec, cell)) for cell in pretrain]
-    finals = {}
+    finals: dict[str, list[dict[str, Any]]] = {}  # search cell -> its finetunings, one per arm
     for cell in finetune:
         result = _finished(spec, cell)
-        finals[result["search_cell"]] = result
+        # Cells of versions before the arms named none: the spec's awp flag says which arm they ran.
+        result = {**result, "finetune": result.get("finetune") or cell.arm_of(spec)}
+        finals.setdefault(result["search_cell"], []).append(result)
     for cell in search:
         result = _finished(spec, cell)
-        final = finals.get(result["cell"])
-        if final is None:
+        if result["cell"] not in finals:
             rows.append(replace(ResultRow.from_dict(result), selected=False))
-            continue
-        # The finetuned model's row; what its record lacks (older versions) comes from its search.
-        row = ResultRow.from_dict({**result, **{k: v for k, v in final.items() if v is not None}})
-        wall = round(float(result.get("wall_s") or 0) + float(final.get("wall_s") or 0), 1)
-        search_ckpt = row.search_checkpoint or result.get("checkpoint")
-        rows.append(replace(row, selected=True, wall_s=wall, search_checkpoint=search_ckpt))
+        for final in finals.get(result["cell"], []):
+            # The finetuned model's row; what its record lacks (older versions) comes from its search.
+            row = ResultRow.from_dict({**result, **{k: v for k, v in final.items() if v is not None}})
+            wall = round(float(result.get("wall_s") or 0) + float(final.get("wall_s") or 0), 1)
+            search_ckpt = row.search_checkpoint or result.get("checkpoint")
+            rows.append(replace(row, selected=True, wall_s=wall, search_checkpoint=search_ckpt))
     return rows
 
 

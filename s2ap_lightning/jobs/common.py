@@ -73,7 +73,7 @@ def stage_module(
     init_from: str | None = None,
     sparsity: float = 0.9,
     gamma: float = 0.0,
-    base_method: str = "hydra",
+    base_method: str | Mapping[str, Any] = "hydra",
     warmup_epochs: int = 0,
     awp_gamma: float = 0.0,
 ) -> RobustTask:
@@ -87,8 +87,8 @@ def stage_module(
         init_from: checkpoint the stage starts from (search: pretrained; finetune: searched).
         sparsity: pruned fraction of the search.
         gamma: S2AP's score-space radius of the search (0: the base method alone).
-        base_method: the search's score-based method (a registered name, e.g. ``hydra``, with its
-            default options).
+        base_method: the search's score-based method: a registered name (``hydra``, with its
+            default options) or ``{"class_path": name, "init_args": {option: value}}``.
         warmup_epochs: base-method epochs before S2AP starts.
         awp_gamma: AWP's relative radius of the finetuning (0: plain adversarial finetuning).
 
@@ -111,7 +111,15 @@ def stage_module(
 
 
 def evaluation_of(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, pgd_steps: int, aa_images: int, seed: int
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    pgd_steps: int,
+    aa_images: int,
+    seed: int,
+    collapse_margin: float = EvalProtocol.collapse_margin,
 ) -> EvalRecord:
     """The evaluation protocol on a job's test images: clean, PGD, AutoAttack sample, masking checks.
 
@@ -123,9 +131,13 @@ def evaluation_of(
         pgd_steps: steps of the final PGD.
         aa_images: images of the class-stratified AutoAttack sample (0 skips AutoAttack).
         seed: seed of the AutoAttack sample and the attacks' random starts.
+        collapse_margin: clean accuracy this close to the majority-class rate marks the model
+            collapsed (see :class:`~s2ap_lightning.evaluation.EvalProtocol`).
 
     """
-    protocol = EvalProtocol(pgd_steps=pgd_steps, aa_images=aa_images, seed=seed)
+    protocol = EvalProtocol(
+        pgd_steps=pgd_steps, aa_images=aa_images, seed=seed, collapse_margin=collapse_margin
+    )
     return evaluate(model.eval(), (x, y), threat, protocol)
 
 

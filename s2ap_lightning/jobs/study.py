@@ -9,7 +9,10 @@ Fairness rules, enforced by how the grid is built:
   mask has the best PGD accuracy on the validation split (``w_pretrained * M(s*)``); test data is
   never read before a gamma is chosen.
 * **Identical finetuning.** The base method's mask and the chosen S2AP mask are finetuned with the same
-  recipe (AWP on for both or off for both), the same epochs, learning rate and seed.
+  recipe, the same epochs, learning rate and seed; with several finetuning arms (plain, AWP) each arm
+  finetunes both, and pairs are formed within an arm.
+* **Collapsed models are named.** A finetuned model no better than its majority class is marked
+  collapsed and its pair is left out of the paired reading (counted in ``study.md``).
 * **One evaluation protocol.** Finetuned models are evaluated by :mod:`s2ap_lightning.evaluation`
   (clean, PGD, AutoAttack on a class-stratified sample, gradient-masking checks).
 
@@ -17,16 +20,21 @@ The grid is a set of *cells* (pretrain, search, finetune; :mod:`s2ap_lightning.j
 writing one JSON file when it has finished. A killed study resumes: finished cells are skipped, a
 half-written cell is redone from scratch. ``--launcher slurm`` submits one job per cell through
 submitit, with SLURM dependencies pretrain -> search -> finetune; ``local`` runs the cells in order in
-this process.
+this process, or with ``workers: N`` in N worker processes at once (:func:`run_parallel`).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import shutil
 import subprocess
 import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +62,7 @@ __all__ = [
     "result_path",
     "run_cell",
     "run_local",
+    "run_parallel",
     "run_study",
     "run_submitit",
 ]
@@ -87,6 +96,151 @@ def run_local(spec: StudySpec) -> None:
         print(f"[cell {i + 1}/{len(pending)}] {cell.key}  (elapsed {elapsed:.1f} min{eta_text})", flush=True)
         result = run_cell(spec, cell, ctx)
         durations.setdefault(cell.kind, []).append(float(result["wall_s"]))
+
+
+# ----------------------------------------------------------------------------- local worker processes
+class CellsFailed(RuntimeError):
+    """Cells of a parallel study failed; the finished ones are kept (run the study again to resume)."""
+
+
+def worker_threads(spec: StudySpec) -> int:
+    """Torch threads of each worker process: ``threads``, or the CPU cores shared out among the workers."""
+    if spec.threads:
+        return spec.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // spec.workers)
+
+
+_WORKER: dict[str, Any] = {}  # in a worker process: its spec and its StudyContext (built on first use)
+
+
+def _init_worker(spec_dict: dict[str, Any], threads: int) -> None:
+    import threading
+
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(spec=StudySpec(**spec_dict), ctx=None)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        # A launcher killed outright (SIGKILL, a lost SSH session) cannot stop its workers; without this
+        # they would finish their cell unseen while a resumed study redoes the same cell in its folder.
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _worker_cell(cell_dict: dict[str, Any]) -> float:
+    """Run one cell in a worker process (its data and tensors built once per process); its wall time."""
+    spec = _WORKER["spec"]
+    if _WORKER["ctx"] is None:
+        _WORKER["ctx"] = StudyContext(spec)
+    return float(run_cell(spec, Cell.from_dict(cell_dict), _WORKER["ctx"])["wall_s"])
+
+
+#: Which ready cell a free worker takes first: the deepest stage, so that seeds finish one after the
+#: other (a study stopped half-way has whole seeds), then the grid's order.
+_PRIORITY = {"finetune": 0, "search": 1, "pretrain": 2}
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".strip().splitlines()[0]
+
+
+def run_parallel(spec: StudySpec) -> None:
+    """The cells in ``spec.workers`` processes at once, each when the cells it depends on have finished.
+
+    Every worker is a fresh (spawned) Python process with ``worker_threads(spec)`` torch threads and its
+    own copy of the data; all of them write into the one study folder, each cell into its own files.
+    Resume is as with one process: finished cells are skipped, a half-written one is redone. A cell that
+    fails is named with its error (the traceback goes to ``runs/<cell>/error.log``); the cells that
+    depend on it are not started, every other cell still runs, and :class:`CellsFailed` is raised at the
+    end. A worker that dies (killed, out of memory) fails the cells it was running the same way.
+    """
+    todo = [c for wave in cells_of(spec) for c in wave]
+    order = {c.key: i for i, c in enumerate(todo)}
+    done = {c.key for c in todo if read_result(spec, c) is not None}
+    pending = [c for c in todo if c.key not in done]
+    needs = {c.key: [d.key for d in depends_on(c, spec)] for c in pending}
+    threads = worker_threads(spec)
+    print(
+        f"study {spec.name}: {len(todo)} cells, {len(done)} already finished; {spec.workers} workers of "
+        f"{threads} thread{'s' if threads > 1 else ''}",
+        flush=True,
+    )
+    if not pending:
+        return
+    failed: dict[str, str] = {}
+    skipped: list[str] = []
+    running: dict[Future, tuple[Cell, float]] = {}
+    durations: dict[str, list[float]] = {}
+    started, n_started = time.time(), 0
+    pool = ProcessPoolExecutor(
+        max_workers=spec.workers,
+        mp_context=multiprocessing.get_context("spawn"),  # no fork of a process holding torch threads
+        initializer=_init_worker,
+        initargs=(asdict(spec), threads),
+    )
+    broken = False  # a worker died: the pool takes no more cells
+    try:
+        while (pending and not broken) or running:
+            for cell in list(pending):  # cells after a failed one cannot run
+                if any(d in failed or d in skipped for d in needs[cell.key]):
+                    skipped.append(cell.key)
+                    pending.remove(cell)
+            ready = sorted(
+                (c for c in pending if all(d in done for d in needs[c.key])),
+                key=lambda c: (_PRIORITY[c.kind], order[c.key]),
+            )
+            for cell in [] if broken else ready[: spec.workers - len(running)]:
+                pending.remove(cell)
+                running[pool.submit(_worker_cell, asdict(cell))] = (cell, time.time())
+                n_started += 1
+                eta = _eta(durations, pending + [c for c, _ in running.values()])
+                eta_text = "" if eta is None else f", about {eta / spec.workers / 60:.0f} min left"
+                elapsed = (time.time() - started) / 60
+                print(
+                    f"[cell {n_started}/{len(needs)}] {cell.key}  (elapsed {elapsed:.1f} min{eta_text})",
+                    flush=True,
+                )
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell, _ = running.pop(future)
+                try:
+                    wall = future.result()
+                except BrokenProcessPool as error:
+                    broken = True
+                    failed[cell.key] = (
+                        f"a worker process died, killed or out of memory ({_error_text(error)})"
+                    )
+                    print(f"cell {cell.key} FAILED: {failed[cell.key]}", flush=True)
+                except Exception as error:  # noqa: BLE001 - any failure of a cell is reported, not raised
+                    failed[cell.key] = _error_text(error)
+                    log = spec.folder / "runs" / cell.key / "error.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    remote = getattr(error, "__cause__", None)  # the worker's traceback, as text
+                    log.write_text(str(remote) if remote else "".join(traceback.format_exception(error)))
+                    print(f"cell {cell.key} FAILED: {failed[cell.key]} (traceback: {log})", flush=True)
+                else:
+                    done.add(cell.key)
+                    durations.setdefault(cell.kind, []).append(wall)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failed:
+        lines = [f"  {key}: {error}" for key, error in failed.items()]
+        raise CellsFailed(
+            f"{len(failed)} cell(s) of study {spec.name} failed"
+            + (f" and {len(skipped)} that depend on them did not run" if skipped else "")
+            + (f"; {len(pending)} others were not started after a worker died" if broken and pending else "")
+            + ":\n"
+            + "\n".join(lines)
+            + "\nThe finished cells are kept: fix the cause and run the same command again to resume."
+        )
 
 
 def _cell_job(spec_dict: dict[str, Any], cell_dict: dict[str, Any]) -> str:
@@ -231,7 +385,9 @@ def run_study(spec: StudySpec) -> Path | None:
     if spec.launcher == "slurm":
         check_slurm(spec)  # before the spec is written or anything submitted
     save_spec(spec)
-    if spec.launcher == "local":
+    if spec.launcher == "local" and spec.workers > 1:
+        run_parallel(spec)
+    elif spec.launcher == "local":
         run_local(spec)
     else:
         run_submitit(spec)

@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except RuntimeError as err:
-        line = _state_dict_mismatch(err)
+        # A study whose cells failed names them (the finished ones are kept): one line, like the rest.
+        line = str(err).strip().splitlines()[0] if type(err).__name__ == "CellsFailed" else None
+        line = line or _state_dict_mismatch(err)
         if debug or line is None:
             raise
         print(f"s2ap: error: {line}  (S2AP_DEBUG=1 shows the traceback)", file=sys.stderr)

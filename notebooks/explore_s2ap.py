@@ -109,7 +109,7 @@ for row in rows:
     ckpt = row.search_checkpoint
     pruner = ScoreSpaceSAMPruner.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     objective = pruner.objective()  # the function the search minimised, for the analyses
-    report = score_space_sharpness(objective, x_val, y_val, gamma=0.01, max_iter=10 if FAST else 30)
+    report = score_space_sharpness(objective, x_val, y_val, rho=0.01, max_iter=10 if FAST else 30)
     print(
         f"{row.method}: lambda_max {report.lambda_max:.4g}, worst-case loss increase {report.sharpness:.4g}"
     )

@@ -50,6 +50,9 @@ def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
     parser = ArgumentParser(prog=f"s2ap {name}", description=doc.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the options below")
     parser.add_function_arguments(fn, as_group=False, as_positional=not variadic)
+    for old, new in getattr(fn, "renamed", {}).items():
+        if any(a == f"--{old}" or a.startswith(f"--{old}=") for a in argv):
+            raise ValueError(f"s2ap {name} --{old} was renamed --{new} (same meaning)")
     cfg = parser.parse_args(argv)
     return fn(**{k: v for k, v in cfg.as_dict().items() if k in params})
 
@@ -130,7 +133,7 @@ def hamming(a: str, b: str, per_layer: bool = False) -> int:
 
 def sharpness(
     checkpoint: str,
-    gamma: float = 0.01,
+    rho: float = 0.01,
     max_iter: int = 50,
     tol: float = 1e-3,
     out: str | None = None,
@@ -144,11 +147,12 @@ def sharpness(
     """Score-space sharpness of a mask-search checkpoint, on the robust loss the search used.
 
     The top Hessian eigenvalue of that loss w.r.t. the scores (power iteration) and the loss increase
-    under the worst per-layer perturbation of budget ``gamma``.
+    under the worst per-layer perturbation of relative budget ``rho``.
 
     Args:
         checkpoint: a mask-search checkpoint.
-        gamma: budget of the worst-case perturbation.
+        rho: relative budget of the worst-case perturbation (the sharpness radius; ``--gamma`` before,
+            renamed so that ``gamma`` only ever means the search's S2AP radius).
         max_iter: power-iteration cap.
         tol: relative change of the eigenvalue at which the iteration stops.
         out: JSON file (default: beside the checkpoint).
@@ -164,13 +168,16 @@ def sharpness(
     refuse_existing(path, overwrite)
     pruner, ckpt = _pruner(checkpoint)
     x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
-    report = score_space_sharpness(pruner.objective(), x, y, gamma, max_iter, tol, seed)
+    report = score_space_sharpness(pruner.objective(), x, y, rho, max_iter, tol, seed)
     path.write_text(
         json.dumps({**report.as_dict(), "checkpoint": checkpoint, "split": split}, indent=2) + "\n"
     )
     print(json.dumps(report.as_dict(), indent=2))
     print(f"written to {path}")
     return 0
+
+
+sharpness.renamed = {"gamma": "rho"}  # type: ignore[attr-defined]
 
 
 def landscape(

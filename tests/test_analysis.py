@@ -49,7 +49,7 @@ def pruner(fast_kwargs):
 def test_score_space_sharpness_leaves_model_untouched(pruner):
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
     state = {k: v.clone() for k, v in pruner.state_dict().items()}
-    report = score_space_sharpness(pruner.objective(), x, y, gamma=0.05, max_iter=10)
+    report = score_space_sharpness(pruner.objective(), x, y, rho=0.05, max_iter=10)
     assert np.isfinite(report.lambda_max) and np.isfinite(report.sharpness)
     assert report.n_images == 16 and report.worst_loss == pytest.approx(report.loss + report.sharpness)
     for k, v in pruner.state_dict().items():
@@ -69,7 +69,7 @@ def test_sharpness_is_taken_on_the_loss_the_search_used(fast_kwargs, loss):
     with torch.no_grad():  # peaked outputs, so clean and adversarial predictions differ
         pruner.model.classifier.weight.mul_(30)
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
-    report = score_space_sharpness(pruner.objective(), x, y, gamma=0.05, max_iter=3, seed=3)
+    report = score_space_sharpness(pruner.objective(), x, y, rho=0.05, max_iter=3, seed=3)
     # By hand: the loss's own adversary at s, then that loss of w * M(s) in eval mode.
     x_adv = fixed_adversarial(pruner.objective(), x, y, seed=3)
     params = dict(pruner.model.named_parameters())
@@ -122,8 +122,8 @@ def test_analyses_need_only_the_objective_and_the_method_protocol(pruner):
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
     full = pruner.objective()
     bare = SearchObjective(full.model, _OnlyTheProtocol(full.method), full.loss, full.adversary)
-    sharp_full = score_space_sharpness(full, x, y, gamma=0.05, max_iter=3, seed=1).as_dict()
-    sharp_bare = score_space_sharpness(bare, x, y, gamma=0.05, max_iter=3, seed=1).as_dict()
+    sharp_full = score_space_sharpness(full, x, y, rho=0.05, max_iter=3, seed=1).as_dict()
+    sharp_bare = score_space_sharpness(bare, x, y, rho=0.05, max_iter=3, seed=1).as_dict()
     assert sharp_bare == pytest.approx(sharp_full, rel=1e-6)
     slice_full = landscape_1d(full, x, y, alphas=[-0.5, 0.0, 0.5], seed=1)
     slice_bare = landscape_1d(bare, x, y, alphas=[-0.5, 0.0, 0.5], seed=1)

@@ -1,4 +1,7 @@
-"""The one private LightningCLI member the CLI overrides, ``_parse_ckpt_path``, is still a seam.
+"""CLI on public APIs: the one private LightningCLI member overridden is a tested seam; renamed
+options name their successor.
+
+The seam, ``_parse_ckpt_path``, is still what LightningCLI calls.
 
 pyproject.toml pins Lightning below 2.7; this fails first if a Lightning release in that range stops
 calling the method from ``LightningCLI.__init__`` or renames it, instead of ``--ckpt_path`` quietly
@@ -37,3 +40,10 @@ def test_the_installed_lightning_is_in_the_pinned_range():
     low = tuple(int(p) for p in pin.group(1).split(".")[:2])
     high = tuple(int(p) for p in pin.group(2).split(".")[:2])
     assert low <= version < high
+
+
+def test_a_renamed_tool_option_names_its_new_name(capsys):
+    from s2ap_lightning.cli import main
+
+    assert main(["sharpness", "missing.ckpt", "--gamma", "0.01"]) == 2
+    assert "--gamma was renamed --rho" in capsys.readouterr().err

@@ -76,7 +76,7 @@ class SharpnessReport:
     loss: float
     worst_loss: float
     sharpness: float
-    gamma: float
+    rho: float
     n_images: int
 
     def as_dict(self) -> dict:
@@ -87,7 +87,7 @@ def score_space_sharpness(
     objective: SearchObjective,
     x: Tensor,
     y: Tensor,
-    gamma: float = 0.01,
+    rho: float = 0.01,
     max_iter: int = 50,
     tol: float = 1e-3,
     seed: int = 0,
@@ -95,7 +95,8 @@ def score_space_sharpness(
     """Top Hessian eigenvalue of the robust loss w.r.t. the scores, and the direct sharpness.
 
     The direct sharpness is ``L(s + z) - L(s)`` with ``z`` S2AP's one-step worst per-layer
-    perturbation of budget ``gamma``. ``objective`` is the search's (``pruner.objective()``): its
+    perturbation of relative budget ``rho`` (the sharpness radius, named apart from the search's own
+    S2AP radius ``gamma``, which it often equals). ``objective`` is the search's (``pruner.objective()``): its
     model, base method, robust loss and training adversary. Adversarial examples: that loss's own
     attack on the masked model at ``s``, crafted once.
     """
@@ -115,7 +116,7 @@ def score_space_sharpness(
             loss = robust_loss(point)
             grads = torch.autograd.grad(loss, point)
         z = score_perturbation(
-            dict(zip(names, point, strict=True)), dict(zip(names, grads, strict=True)), gamma
+            dict(zip(names, point, strict=True)), dict(zip(names, grads, strict=True)), rho
         )
         with torch.no_grad():
             worst = robust_loss([p + z[n] for n, p in zip(names, point, strict=True)])
@@ -126,6 +127,6 @@ def score_space_sharpness(
         float(loss.detach()),
         float(worst),
         float(worst - loss.detach()),
-        gamma,
+        rho,
         len(x),
     )

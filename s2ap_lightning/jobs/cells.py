@@ -640,7 +640,7 @@ def _search(spec: StudySpec, cell: Cell, ctx: StudyContext, folder: Path) -> tup
             best.objective(),
             ctx.x_val[:n],
             ctx.y_val[:n],
-            gamma=max(cell.gamma, 0.01),
+            rho=max(cell.gamma, 0.01),
             max_iter=spec.sharpness_iters,
             seed=cell.seed,
         )

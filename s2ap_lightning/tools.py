@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,8 @@ from s2ap_lightning.analysis.sharpness import score_space_sharpness
 from s2ap_lightning.analysis.stability import hamming as distance_of
 from s2ap_lightning.analysis.stability import load_masks
 from s2ap_lightning.checkpoint import load_file, refuse_existing
-from s2ap_lightning.data import RobustDataModule, split_tensors
+from s2ap_lightning.data import RobustDataModule
+from s2ap_lightning.data.subsets import DataSubset
 from s2ap_lightning.evaluation.callback import trained_threat
 from s2ap_lightning.export import export as export_file
 from s2ap_lightning.export import plain_model
@@ -52,27 +54,30 @@ def run_tool(fn: Callable[..., int], argv: list[str], name: str) -> int:
     parser.add_function_arguments(fn, as_group=False, as_positional=not variadic)
     for old, new in getattr(fn, "renamed", {}).items():
         if any(a == f"--{old}" or a.startswith(f"--{old}=") for a in argv):
-            raise ValueError(f"s2ap {name} --{old} was renamed --{new} (same meaning)")
-    cfg = parser.parse_args(argv)
-    return fn(**{k: v for k, v in cfg.as_dict().items() if k in params})
+            raise ValueError(f"s2ap {name} --{old} was renamed --{new}")
+    cfg = parser.instantiate_classes(parser.parse_args(argv))  # typed blocks (DataSubset) built
+    values = {k: cfg[k] for k in params if k in cfg}
+    return fn(**{k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in values.items()})
 
 
-def _fixed_subset(
-    checkpoint: dict, images: int, split: str, dataset: str | None, data_dir: str | None
-) -> tuple[Tensor, Tensor]:
-
+def _fixed_subset(checkpoint: dict, subset: DataSubset) -> tuple[Tensor, Tensor]:
+    """The subset's images, from the data the checkpoint was trained on (or the subset's override)."""
     # Only the DataModule's own arguments (LightningCLI stores extra keys such as `_instantiator`).
     accepted = set(inspect.signature(RobustDataModule.__init__).parameters) - {"self"}
     stored = checkpoint.get("datamodule_hyper_parameters") or {}
     data_hp = {k: v for k, v in stored.items() if k in accepted}
-    if dataset:
-        data_hp["dataset"] = dataset
-    if data_dir:
-        data_hp["data_dir"] = data_dir
+    if subset.dataset:
+        data_hp["dataset"] = subset.dataset
+    if subset.data_dir:
+        data_hp["data_dir"] = subset.data_dir
     data_hp.pop("test_subset", None)
     dm = RobustDataModule(**data_hp)
     dm.setup()
-    return split_tensors(dm.val_set if split == "val" else dm.test_set, images)
+    return subset.tensors(dm.val_set if subset.split == "val" else dm.test_set)
+
+
+#: The data options each analysis tool took before they became one block (``--subset.*``).
+SUBSET_RENAMED = {k: f"subset.{k}" for k in ("images", "split", "dataset", "data_dir")}
 
 
 def _pruner(path: str) -> tuple[ScoreSpaceSAMPruner, dict]:
@@ -137,10 +142,7 @@ def sharpness(
     max_iter: int = 50,
     tol: float = 1e-3,
     out: str | None = None,
-    images: int = 256,
-    split: Literal["val", "test"] = "val",
-    dataset: str | None = None,
-    data_dir: str | None = None,
+    subset: DataSubset = DataSubset(images=256),
     seed: int = 0,
     overwrite: bool = False,
 ) -> int:
@@ -156,10 +158,8 @@ def sharpness(
         max_iter: power-iteration cap.
         tol: relative change of the eigenvalue at which the iteration stops.
         out: JSON file (default: beside the checkpoint).
-        images: size of the fixed subset.
-        split: ``val`` or ``test``.
-        dataset: override the checkpoint's dataset.
-        data_dir: override the checkpoint's data folder.
+        subset: the images (``--subset.images``, ``--subset.split val|test``, ``--subset.seed``,
+            ``--subset.dataset``, ``--subset.data_dir``): a seeded, class-stratified sample.
         seed: seed of the adversarial examples and the start vector.
         overwrite: replace an existing output file.
 
@@ -167,17 +167,17 @@ def sharpness(
     path = Path(out or Path(checkpoint).with_suffix(".sharpness.json"))
     refuse_existing(path, overwrite)
     pruner, ckpt = _pruner(checkpoint)
-    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
+    x, y = _fixed_subset(ckpt, subset)
     report = score_space_sharpness(pruner.objective(), x, y, rho, max_iter, tol, seed)
     path.write_text(
-        json.dumps({**report.as_dict(), "checkpoint": checkpoint, "split": split}, indent=2) + "\n"
+        json.dumps({**report.as_dict(), "checkpoint": checkpoint, "subset": asdict(subset)}, indent=2) + "\n"
     )
     print(json.dumps(report.as_dict(), indent=2))
     print(f"written to {path}")
     return 0
 
 
-sharpness.renamed = {"gamma": "rho"}  # type: ignore[attr-defined]
+sharpness.renamed = {"gamma": "rho", **SUBSET_RENAMED}  # type: ignore[attr-defined]
 
 
 def landscape(
@@ -186,10 +186,7 @@ def landscape(
     radius: float = 1.0,
     points: int = 21,
     out: str | None = None,
-    images: int = 128,
-    split: Literal["val", "test"] = "val",
-    dataset: str | None = None,
-    data_dir: str | None = None,
+    subset: DataSubset = DataSubset(images=128),
     seed: int = 0,
     overwrite: bool = False,
 ) -> int:
@@ -203,10 +200,8 @@ def landscape(
         radius: the slice spans ``[-radius, radius]`` along each direction.
         points: grid points per direction.
         out: output prefix (default: beside the checkpoint).
-        images: size of the fixed subset.
-        split: ``val`` or ``test``.
-        dataset: override the checkpoint's dataset.
-        data_dir: override the checkpoint's data folder.
+        subset: the images (``--subset.images``, ``--subset.split val|test``, ``--subset.seed``,
+            ``--subset.dataset``, ``--subset.data_dir``): a seeded, class-stratified sample.
         seed: seed of the directions and adversarial examples.
         overwrite: replace existing output files.
 
@@ -215,7 +210,7 @@ def landscape(
     for suffix in (".png", ".npz"):
         refuse_existing(prefix + suffix, overwrite)
     pruner, ckpt = _pruner(checkpoint)
-    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
+    x, y = _fixed_subset(ckpt, subset)
     grid = np.linspace(-radius, radius, points)
     land = (landscape_1d if dims == 1 else landscape_2d)(pruner.objective(), x, y, grid, seed=seed)
     land.save(prefix)
@@ -224,16 +219,16 @@ def landscape(
     return 0
 
 
+landscape.renamed = SUBSET_RENAMED  # type: ignore[attr-defined]
+
+
 def security(
     checkpoint: str,
     norm: Literal["linf", "l2"] = "linf",
     steps: int = 100,
     max_eps: float | None = None,
     out: str | None = None,
-    images: int = 500,
-    split: Literal["val", "test"] = "val",
-    dataset: str | None = None,
-    data_dir: str | None = None,
+    subset: DataSubset = DataSubset(images=500),
     seed: int = 0,
     overwrite: bool = False,
 ) -> int:
@@ -245,10 +240,8 @@ def security(
         steps: FMN steps.
         max_eps: largest eps of the curve (default: twice the training eps).
         out: output prefix (default: beside the checkpoint).
-        images: size of the fixed subset.
-        split: ``val`` or ``test``.
-        dataset: override the checkpoint's dataset.
-        data_dir: override the checkpoint's data folder.
+        subset: the images (``--subset.images``, ``--subset.split val|test``, ``--subset.seed``,
+            ``--subset.dataset``, ``--subset.data_dir``): a seeded, class-stratified sample.
         seed: unused by FMN; kept so every analysis tool takes the same data options.
         overwrite: replace existing output files.
 
@@ -258,8 +251,8 @@ def security(
         refuse_existing(prefix + suffix, overwrite)
     ckpt = load_file(checkpoint)
     model = plain_model(ckpt).eval()
-    x, y = _fixed_subset(ckpt, images, split, dataset, data_dir)
-    top = max_eps or 2 * ckpt["hyper_parameters"].get("eps", 8 / 255)
+    x, y = _fixed_subset(ckpt, subset)
+    top = max_eps or 2 * (trained_threat(ckpt["hyper_parameters"])["eps"] or 8 / 255)
     curve = security_curve(model, x, y, np.linspace(0, top, 41), norm, steps)
     Path(prefix + ".json").write_text(json.dumps(curve.__dict__, indent=2) + "\n")
     curve.plot(prefix + ".png")
@@ -269,6 +262,9 @@ def security(
         f"({len(x)} images); written {prefix}.png and .json"
     )
     return 0
+
+
+security.renamed = SUBSET_RENAMED  # type: ignore[attr-defined]
 
 
 def report(runs: str, overwrite: bool = False) -> int:

@@ -176,17 +176,32 @@ def test_analysis_commands_on_a_mask_search_checkpoint(chained, tmp_path, capsys
 
     tmp, pre, prune, ft = chained
     assert (
-        cli("sharpness", str(prune), "--images", "8", "--max_iter", "5", "--out", str(tmp_path / "s.json"))
+        cli(
+            "sharpness",
+            str(prune),
+            "--subset.images",
+            "8",
+            "--max_iter",
+            "5",
+            "--out",
+            str(tmp_path / "s.json"),
+        )
         == 0
     )
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["n_images"] == 8 and record["iterations"] <= 5
-    assert cli("landscape", str(prune), "--images", "16", "--points", "5", "--out", str(tmp_path / "l")) == 0
+    assert (
+        cli("landscape", str(prune), "--subset.images", "16", "--points", "5", "--out", str(tmp_path / "l"))
+        == 0
+    )
     assert (tmp_path / "l.png").stat().st_size > 1000 and (tmp_path / "l.npz").exists()
     assert cli("hamming", str(prune), str(ft), "--per_layer", "true") == 0
     out = capsys.readouterr().out
     assert "hamming (normalised): 0.000000" in out, "finetuning keeps the searched mask"
-    assert cli("security", str(ft), "--images", "16", "--steps", "20", "--out", str(tmp_path / "sec")) == 0
+    assert (
+        cli("security", str(ft), "--subset.images", "16", "--steps", "20", "--out", str(tmp_path / "sec"))
+        == 0
+    )
     curve = json.loads((tmp_path / "sec.json").read_text())
     assert curve["robust_acc"][0] >= curve["robust_acc"][-1]
 
@@ -284,7 +299,7 @@ def test_analysis_tools_refuse_to_replace_a_result(chained, tmp_path, capsys, to
     kept = tmp_path / written
     kept.write_bytes(b"keep me")
     prefix = str(tmp_path / "s.json") if tool == "sharpness" else str(tmp_path / "s")
-    args = [tool, str(prune), "--images", "8", "--out", prefix, *extra]
+    args = [tool, str(prune), "--subset.images", "8", "--out", prefix, *extra]
     assert main(args) == 2
     assert f"{kept} exists" in capsys.readouterr().err and kept.read_bytes() == b"keep me"
     assert main([*args, "--overwrite", "true"]) == 0

@@ -47,3 +47,12 @@ def test_a_renamed_tool_option_names_its_new_name(capsys):
 
     assert main(["sharpness", "missing.ckpt", "--gamma", "0.01"]) == 2
     assert "--gamma was renamed --rho" in capsys.readouterr().err
+
+
+def test_the_tools_data_options_are_one_block_and_the_old_ones_name_it(capsys):
+    from s2ap_lightning.cli import main
+
+    assert main(["landscape", "missing.ckpt", "--images", "8"]) == 2
+    assert "--images was renamed --subset.images" in capsys.readouterr().err
+    assert main(["security", "missing.ckpt", "--subset.images", "8"]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err  # parsed: it fails on the file, not the option

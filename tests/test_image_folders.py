@@ -133,3 +133,18 @@ def test_empty_class_folder_is_named(tmp_path):
         path.unlink()
     with pytest.raises(FileNotFoundError, match=r"1 class folder\(s\) hold no image files .*val/n00000001"):
         RobustDataModule("imagefolder", data_dir=str(tmp_path))
+
+
+def test_the_tools_subset_is_class_stratified_and_seeded():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from s2ap_lightning.data.subsets import DataSubset
+
+    # A split sorted by class: "the first 8" would be one class only.
+    data = TensorDataset(torch.arange(40).float().view(40, 1), torch.arange(4).repeat_interleave(10))
+    x, y = DataSubset(images=8, seed=1).tensors(data)
+    assert torch.bincount(y).tolist() == [2, 2, 2, 2]
+    assert torch.equal(DataSubset(images=8, seed=1).tensors(data)[0], x)
+    assert not torch.equal(DataSubset(images=8, seed=2).tensors(data)[0], x)
+    assert len(DataSubset(images=0).tensors(data)[0]) == 40

@@ -6,6 +6,9 @@ so "the first N images" can be one class only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
@@ -67,3 +70,39 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple:
         x, y = self.data[i][:2]
         return x, y, i
+
+
+@dataclass(frozen=True)
+class DataSubset:
+    """The fixed images an analysis tool reads: a seeded, class-stratified sample of one split.
+
+    One typed block for every tool (``--subset.images 256 --subset.split test``), so sharpness,
+    landscapes and security curves of two checkpoints are measured on the same images, and never on
+    "the first N" of a split that may be sorted by class.
+
+    Args:
+        images: images in the sample (0: the whole split).
+        split: ``val`` (default: the split model selection used) or ``test``.
+        seed: seed of the sample.
+        dataset: read another dataset than the one the checkpoint was trained on.
+        data_dir: read the dataset from another folder.
+
+    """
+
+    images: int = 256
+    split: Literal["val", "test"] = "val"
+    seed: int = 0
+    dataset: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ValueError(f"subset images={self.images} is out of range: valid are >= 0 (0: all)")
+        if self.split not in ("val", "test"):
+            raise ValueError(f"subset split={self.split!r} is unknown; valid: val, test")
+
+    def tensors(self, data: Dataset) -> tuple[Tensor, Tensor]:
+        """The sample of ``data`` (the chosen split) as ``(x, y)`` tensors, in the split's order."""
+        chosen = stratified_indices(dataset_labels(data), self.images, self.seed)
+        xs, ys = zip(*[data[int(i)][:2] for i in chosen], strict=True)
+        return torch.stack(xs), torch.as_tensor(ys)

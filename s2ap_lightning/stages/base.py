@@ -21,7 +21,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from s2ap_lightning.attacks import ThreatModel, build_robust_loss
 from s2ap_lightning.attacks.losses import LossOutput
 from s2ap_lightning.checkpoint import check_loadable, load_weights
-from s2ap_lightning.checks import check_range
 from s2ap_lightning.evaluation import EvalProtocol, EvaluationCallback, MaskedModel
 from s2ap_lightning.models import build_model
 from s2ap_lightning.models.compiled import ModelForward
@@ -35,8 +34,8 @@ from s2ap_lightning.stages.callbacks import (
 )
 from s2ap_lightning.stages.hparams import as_block, block_dict, split_legacy, upgrade_checkpoint_hparams
 from s2ap_lightning.stages.training import (
-    ATTACK_PRECISIONS,
     check_same_data,
+    check_stage_options,
     check_trainer_settings,
     log_training,
     validate,
@@ -117,17 +116,7 @@ class RobustTask(L.LightningModule):
     # ----------------------------------------------------------------- configuration
     def validate_hparams(self) -> None:
         """Fail before any training on a stage option outside its range (the blocks check themselves)."""
-        hp = self.hparams
-        check_range("num_classes", hp.num_classes, 2, None)
-        check_range("in_channels", hp.in_channels, 1, None)
-        check_range("beta", hp.beta, 0.0, None)
-        check_range("lr", hp.lr, 0.0, None, low_open=True)
-        check_range("momentum", hp.momentum, 0.0, 1.0, high_open=True)
-        check_range("weight_decay", hp.weight_decay, 0.0, None)
-        if hp.attack_precision not in ATTACK_PRECISIONS:
-            raise ValueError(
-                f"attack_precision={hp.attack_precision!r} is unknown; valid: {', '.join(ATTACK_PRECISIONS)}"
-            )
+        check_stage_options(self.hparams)
 
     def configure_models(self) -> None:
         hp = self.hparams

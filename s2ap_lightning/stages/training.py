@@ -15,6 +15,7 @@ from torch import Tensor
 
 from s2ap_lightning.attacks import attack_context, eval_mode, pgd_ce
 from s2ap_lightning.attacks.losses import LossOutput
+from s2ap_lightning.checks import check_range
 
 #: ``attack_precision`` values: fp32 attacks, or attacks at the Trainer's (autocast) precision.
 ATTACK_PRECISIONS = ("fp32", "training")
@@ -24,6 +25,20 @@ VALIDATION_SEED = 0
 
 #: What the data decides about a model: a source trained on other data does not fit this run.
 DATA_KEYS = ("image_size", "in_channels", "num_classes")
+
+
+def check_stage_options(hp: Mapping[str, Any]) -> None:
+    """The options every stage takes, each in its range; the typed blocks validate themselves."""
+    check_range("num_classes", hp["num_classes"], 2, None)
+    check_range("in_channels", hp["in_channels"], 1, None)
+    check_range("beta", hp["beta"], 0.0, None)
+    check_range("lr", hp["lr"], 0.0, None, low_open=True)
+    check_range("momentum", hp["momentum"], 0.0, 1.0, high_open=True)
+    check_range("weight_decay", hp["weight_decay"], 0.0, None)
+    if hp["attack_precision"] not in ATTACK_PRECISIONS:
+        raise ValueError(
+            f"attack_precision={hp['attack_precision']!r} is unknown; valid: {', '.join(ATTACK_PRECISIONS)}"
+        )
 
 
 def check_trainer_settings(trainer: L.Trainer, attack_precision: str) -> None:

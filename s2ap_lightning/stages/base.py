@@ -32,7 +32,7 @@ from s2ap_lightning.stages.callbacks import (
     SlurmRequeue,
     SparsityLog,
 )
-from s2ap_lightning.stages.hparams import as_block, block_dict, split_legacy, upgrade_checkpoint_hparams
+from s2ap_lightning.stages.hparams import as_block, plain_value, split_legacy, upgrade_checkpoint_hparams
 from s2ap_lightning.stages.training import (
     check_same_data,
     check_stage_options,
@@ -111,7 +111,7 @@ class RobustTask(L.LightningModule):
 
     def primitive_blocks(self) -> dict[str, Any]:
         """The typed blocks as plain dicts, for ``hparams`` (subclasses add theirs)."""
-        return {"threat": block_dict(self.threat), "evaluation": block_dict(self.evaluation)}
+        return {"threat": plain_value(self.threat), "evaluation": plain_value(self.evaluation)}
 
     # ----------------------------------------------------------------- configuration
     def validate_hparams(self) -> None:

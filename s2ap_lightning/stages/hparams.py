@@ -45,12 +45,7 @@ def as_block(cls: type[Block], value: Block | Mapping[str, Any]) -> Block:
     raise TypeError(f"expected a {cls.__name__} or a mapping of its fields, got {value!r}")
 
 
-def block_dict(value: Any) -> dict[str, Any]:
-    """A dataclass block as a plain dict (for ``hparams``, which stay primitive)."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
-
-
-def upgrade_hparams(flat: Mapping[str, Any], stage: str = "stage") -> dict[str, Any]:
+def upgrade_hparams(flat: Mapping[str, Any]) -> dict[str, Any]:
     """The blocks the flat options of an older checkpoint mean: ``{"threat": {...}, ...}``.
 
     Only blocks that some flat option fills are returned; keys that are not flat options of an
@@ -76,12 +71,12 @@ def split_legacy(kwargs: Mapping[str, Any], stage: str) -> dict[str, Any]:
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"{stage}: unknown option(s) {', '.join(unknown)}")
-    return upgrade_hparams(kwargs, stage)
+    return upgrade_hparams(kwargs)
 
 
-def upgrade_checkpoint_hparams(hparams: Mapping[str, Any], stage: str = "stage") -> dict[str, Any]:
+def upgrade_checkpoint_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's whole hparams with flat options replaced by their blocks (for the CLI)."""
-    blocks = upgrade_hparams(hparams, stage)
+    blocks = upgrade_hparams(hparams)
     legacy = set(LEGACY_KEYS) | set(LEGACY_METHOD_KEYS) | set(RETIRED_KEYS)
     out = {k: v for k, v in hparams.items() if k not in legacy}
     return {**out, **blocks}

@@ -150,6 +150,7 @@ def test_killed_study_resumes_without_rerunning_finished_cells(finished, tmp_pat
     } == done_before
 
 
+@pytest.mark.slow  # 30 s; CI's real SLURM cluster runs the same submitit launcher (test_slurm.py)
 def test_submitit_local_launcher_respects_dependencies(finished, tmp_path):
     pytest.importorskip("submitit")
     spec = replace(finished, out=str(tmp_path), seeds=[1], gammas=[0.01], launcher="submitit_local")

@@ -140,7 +140,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
 
 
 @pytest.mark.parametrize(
-    ("devices", "where"), [pytest.param(1, "middle", marks=SLOW), pytest.param(2, "middle", marks=SLOW), (2, "last")]
+    ("devices", "where"),
+    [pytest.param(1, "middle", marks=SLOW), pytest.param(2, "middle", marks=SLOW), (2, "last")],
 )
 def test_slurm_requeue_signal_then_resume_equals_uninterrupted(tmp_path, reference, devices, where):
     """SIGUSR1 reaches rank 0 only; every rank saves the hpc checkpoint at the end of that batch."""

@@ -324,6 +324,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+def require_writable(folder: str | Path, what: str, remedy: str) -> None:
+    """Fail now, naming ``folder``, if ``what`` cannot be written there.
+
+    Checked before training or evaluating, so that a read-only folder costs seconds, not the hours
+    of work whose result then could not be saved. The folder is created if missing and a temporary
+    file is written in it and removed: permission bits alone do not tell (root, ACLs, read-only
+    mounts, quotas).
+
+    Args:
+        folder: where the command will write.
+        what: what it writes there, for the message (``"checkpoints and logs"``).
+        remedy: what the user can do instead, for the message.
+
+    Raises:
+        NotADirectoryError: ``folder`` (or a parent) is a file.
+        PermissionError: the folder cannot be created or written.
+
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder, so {what} cannot go there: {remedy}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError) as err:
+        raise NotADirectoryError(
+            f"{folder} lies under a file, not a folder ({err.filename}), so {what} cannot go there: {remedy}"
+        ) from None
+    except OSError as err:  # the cause is in the message; one_line() would print the cause instead
+        raise PermissionError(
+            f"{what} cannot be written in {folder} ({err.strerror or err}): {remedy}"
+        ) from None
+
+
 def refuse_existing(path: str | Path, overwrite: bool = False) -> None:
     """Refuse to replace a result file unless told to (``--overwrite``)."""
     if Path(path).exists() and not overwrite:

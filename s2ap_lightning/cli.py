@@ -22,7 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from s2ap_lightning.checkpoint import CheckpointError, load_file
+from s2ap_lightning.checkpoint import CheckpointError, load_file, require_writable
 from s2ap_lightning.data import RobustDataModule
 from s2ap_lightning.pruning.methods import method_from_config
 from s2ap_lightning.stages import RobustTask
@@ -221,11 +221,41 @@ class S2APCLI(LightningCLI):
         self.model.preflight(self.trainer, sub, from_checkpoint=bool(self.config.get(f"{sub}.ckpt_path")))
         if self.subcommand == "fit":
             self._refuse_overwrite()
+        self._require_writable_outputs()
         # `--ckpt_path` restores with weights_only=True unless the command says otherwise: a
         # checkpoint from someone else must not run code on load.
         kwargs = self.config_init[sub]
         if "weights_only" in kwargs and kwargs["weights_only"] is None:
             kwargs["weights_only"] = True
+
+    def _require_writable_outputs(self) -> None:
+        """Every folder the command will write to is writable, checked before any training or evaluation.
+
+        Otherwise a read-only folder fails only when the first checkpoint is saved or, for ``test``,
+        when the record of an evaluation that may have taken hours is written.
+        """
+        sub = self.subcommand
+        folders: dict[str, tuple[str, str]] = {}
+        logger = self.trainer.logger
+        save_dir = getattr(logger, "save_dir", None) if logger is not None else None
+        if save_dir:
+            folders[str(save_dir)] = ("logs", "choose another --trainer.default_root_dir")
+        dirpath = self.config.get(f"{sub}.checkpoint.dirpath")
+        if sub == "fit":
+            folders[str(dirpath or self.trainer.default_root_dir)] = (
+                "checkpoints and logs",
+                "choose another --checkpoint.dirpath",
+            )
+        ckpt = self.config.get(f"{sub}.ckpt_path")
+        if sub == "test" and ckpt and ckpt not in self.SPECIAL_CKPT:
+            folders[str(Path(ckpt).parent)] = (
+                "the evaluation record (written beside the checkpoint)",
+                f"link the checkpoint into a writable folder (ln -s {Path(ckpt).resolve()} <folder>/) and "
+                "pass the link as --ckpt_path",
+            )
+        for folder, (what, remedy) in folders.items():
+            if "://" not in str(folder):  # remote storage (fsspec) is not probed
+                require_writable(folder, what, remedy)
 
     def _refuse_overwrite(self) -> None:
         """A new `fit` never replaces another run's checkpoints (a better best.ckpt lost for good)."""

@@ -1,9 +1,13 @@
 """Bad configuration fails before training; checkpoints load safely and survive crashes."""
 
 import argparse
+import json
 import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -373,7 +377,7 @@ def test_more_user_mistakes_are_one_line(pretrained_8px, tmp_path, monkeypatch, 
         (["export", str(pretrained_8px), "--out", str(tmp_path / "x.pt")], "checkpoint stores no masks"),
         (["pick", str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist"),
         (["fit", "--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", fast,
-          "--checkpoint.dirpath", str(a_file)], "Not a directory"),
+          "--checkpoint.dirpath", str(a_file)], "a_file is a file, not a folder, so checkpoints and logs cannot go"),
     ]  # fmt: skip
     for args, message in cases:
         capsys.readouterr()
@@ -382,3 +386,88 @@ def test_more_user_mistakes_are_one_line(pretrained_8px, tmp_path, monkeypatch, 
         assert err[-1].startswith("s2ap: error:") and message in err[-1], err
         assert not any("Traceback" in line for line in err)
     assert a_file.read_text() == "not a folder"
+
+
+# Runs s2ap's main() on each argv in one interpreter and prints [exit code, last stderr line] per argv.
+_DRIVER = """
+import contextlib, io, json, sys
+from s2ap_lightning.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    out.append([rc, lines[-1] if lines else ""])
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _unprivileged() -> list[str]:
+    """A command prefix under which a folder of mode 0555 is really read-only.
+
+    Root writes into any folder; without the capabilities that let it (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) it is held to the permission bits like any user, and it still reaches an
+    interpreter under /root, which a switch to ``nobody`` would not.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: a read-only folder cannot be made")
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"]
+
+
+def test_read_only_output_folders_fail_before_work_in_one_line(pretrained_8px, tmp_path):
+    """fit into a read-only folder, or test a checkpoint in one, fails at once naming the folder."""
+    prefix = _unprivileged()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(pretrained_8px, locked / "best.ckpt")
+    link_dir = tmp_path / "mine"
+    link_dir.mkdir()
+    (link_dir / "best.ckpt").symlink_to(locked / "best.ckpt")
+    locked.chmod(0o555)
+    fast = str(Path(__file__).resolve().parent / "configs" / "cli_fast.yaml")
+    stage = ["--config", str(CONFIGS / "stages" / "pretrain.yaml"), "--config", fast]
+    cases = [
+        ["fit", *stage, "--checkpoint.dirpath", str(locked / "new")],
+        [
+            "fit",
+            *stage,
+            "--checkpoint.dirpath",
+            str(locked),
+            "--trainer.logger",
+            "false",
+            "--overwrite",
+            "true",
+        ],
+        ["test", *stage, "--ckpt_path", str(locked / "best.ckpt"), "--model.evaluation.aa_images", "0"],
+        # The remedy the message gives: a link in a writable folder; the record goes beside the link.
+        ["test", *stage, "--ckpt_path", str(link_dir / "best.ckpt"), "--model.evaluation.aa_images", "0"],
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "S2AP_DEBUG"}
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-c", _DRIVER, json.dumps(cases)],
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, done.stdout[-2000:] + done.stderr[-3000:]
+    (new_dir, existing, record, linked) = json.loads(result[0].removeprefix("RESULT "))
+    assert new_dir == [2, new_dir[1]] and new_dir[1].startswith("s2ap: error: checkpoints and logs cannot be "
+        f"written in {locked / 'new'} (Permission denied): choose another --checkpoint.dirpath"), new_dir  # fmt: skip
+    assert existing[0] == 2 and f"cannot be written in {locked} (Permission denied)" in existing[1], existing
+    assert (
+        record[0] == 2
+        and "the evaluation record (written beside the checkpoint) cannot be written " in record[1]
+    )
+    assert f"in {locked} (Permission denied): link the checkpoint into a writable folder" in record[1], record
+    assert linked[0] == 0, linked
+    assert sorted(p.name for p in locked.iterdir()) == ["best.ckpt"], (
+        "nothing was written in the locked folder"
+    )
+    assert (link_dir / "best.eval.json").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import lightning as L
@@ -13,6 +14,8 @@ from s2ap_lightning.attacks import ThreatModel
 from s2ap_lightning.evaluation import EvalProtocol
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# Image-folder scans are kept between runs (data/datasets.py); the tests keep theirs out of ~/.cache.
+os.environ.setdefault("S2AP_CACHE_DIR", tempfile.mkdtemp(prefix="s2ap-test-cache-"))
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

@@ -148,3 +148,70 @@ def test_the_tools_subset_is_class_stratified_and_seeded():
     assert torch.equal(DataSubset(images=8, seed=1).tensors(data)[0], x)
     assert not torch.equal(DataSubset(images=8, seed=2).tensors(data)[0], x)
     assert len(DataSubset(images=0).tensors(data)[0]) == 40
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_imagenet_layout_is_decoded_whole_and_keeps_its_conventions(tmp_path):
+    """ImageNet's folders are checked like any other; grey JPEGs among colour ones stay 3 channels."""
+    write_image_folder(tmp_path, classes=2, per_class=5, size=40, wide=8, ext="JPEG")
+    grey = tmp_path / "train" / "n00000001" / "2.JPEG"
+    save(grey, (40, 48))  # ImageNet holds greyscale and CMYK JPEGs; its convention is RGB for all
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dm = RobustDataModule("imagenet", data_dir=str(tmp_path), batch_size=4, val_fraction=0.25)
+    assert folder_warnings(record) == []
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 3, 224)
+    bad = tmp_path / "val" / "n00000001" / "3.JPEG"
+    truncate(bad)
+    with pytest.raises(ValueError, match=rf"cannot read image {bad}: .*1 of 20 image files under {tmp_path}"):
+        RobustDataModule("imagenet", data_dir=str(tmp_path))
+
+
+def test_a_scan_is_kept_until_the_folder_changes(tmp_path, monkeypatch):
+    import s2ap_lightning.data.datasets as datasets
+
+    monkeypatch.setenv("S2AP_CACHE_DIR", str(tmp_path / "cache"))
+    files = grey_folder(tmp_path / "data")
+    RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))
+    (kept,) = (tmp_path / "cache" / "folder_scans").iterdir()
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "_read_image", no_decoding)
+        datasets._SCANS.clear()
+        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))  # from the kept scan
+        assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 1, 25)
+    # Any change to a file (here its size) makes the folder a new one: decoded again, damage found.
+    truncate(files[2])
+    datasets._SCANS.clear()
+    with pytest.raises(ValueError, match=rf"cannot read image {files[2]}"):
+        RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))
+    assert kept.is_file(), "a scan that failed does not replace the kept one"
+    # A cache that cannot be written (here: a file where its folder should be) costs time, not the run.
+    monkeypatch.setenv("S2AP_CACHE_DIR", str(kept))
+    save(files[2], (25, 25))
+    assert RobustDataModule("imagefolder", data_dir=str(tmp_path / "data")).in_channels == 1
+
+
+def test_a_large_folder_is_decoded_in_parallel_with_the_same_result(tmp_path, monkeypatch):
+    import s2ap_lightning.data.datasets as datasets
+
+    files = grey_folder(tmp_path)
+    save(files[1], (30, 30, 3))
+    files[3].write_text("not an image\n")
+    splits = (tmp_path / "train", tmp_path / "val")
+    monkeypatch.setenv("S2AP_CACHE_DIR", str(tmp_path / "no-cache"))
+    monkeypatch.setattr(datasets, "_PARALLEL_FROM", 1)
+    with pytest.raises(ValueError) as serial:
+        datasets._scan_image_folder(tmp_path, splits, workers=0)
+    with pytest.raises(ValueError) as parallel:
+        datasets._scan_image_folder(tmp_path, splits, workers=2)
+    assert str(parallel.value) == str(serial.value) and str(files[3]) in str(serial.value)
+    files[3].unlink()
+    one, two = (datasets._scan_image_folder(tmp_path, splits, workers=w) for w in (0, 2))
+    assert one == two and one.sizes == {(25, 25): 18, (30, 30): 1} and one.modes == {"L": 18, "RGB": 1}

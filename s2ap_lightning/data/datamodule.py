@@ -36,7 +36,8 @@ class RobustDataModule(L.LightningDataModule):
         val_fraction: share of the training data held out for validation (model selection).
         split_seed: seed of the train/val(/test for digits and synthetic) split; separate from the
             training seed so that every run of a comparison sees the same split.
-        num_workers: loader workers.
+        num_workers: loader workers; also the processes that decode a large image folder (every file
+            is decoded before training; the scan is then kept, so an unchanged folder is decoded once).
         augment: standard crop-and-flip augmentation for the torchvision datasets.
         download: let torchvision download the files (off: the machines it runs on are often
             offline, and a silent multi-GB download is a surprise).
@@ -98,7 +99,9 @@ class RobustDataModule(L.LightningDataModule):
         if dataset == "synthetic":
             self.info = DatasetInfo(synthetic_classes, self.info.in_channels, synthetic_image_size)
         elif dataset in ("imagefolder", "imagenet"):
-            self.info = image_folder_info(data_dir, crop_size, channels, imagenet=dataset == "imagenet")
+            self.info = image_folder_info(
+                data_dir, crop_size, channels, imagenet=dataset == "imagenet", workers=num_workers
+            )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None

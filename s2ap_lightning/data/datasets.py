@@ -6,6 +6,8 @@ looks at the test split.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from collections import Counter
@@ -126,6 +128,9 @@ _GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"
 _NAMED = 3
 # Scans of the folders built in this process, so setup() does not read every header a second time.
 _SCANS: dict[Path, _FolderScan] = {}
+# From this many files on, a scan decodes in parallel processes: each costs about two seconds to start.
+_PARALLEL_FROM = 20_000
+_SCAN_FORMAT = 1
 
 
 def _class_dirs(split: Path) -> list[Path]:
@@ -193,11 +198,87 @@ class _FolderScan:
         return min(self.size())
 
 
-def _scan_image_folder(root: Path, splits: tuple[Path, ...]) -> _FolderScan:
+def _decode(path: Path) -> tuple[str, tuple[int, int]] | str:
+    """``(mode, size)`` of a decodable image, else why it cannot be decoded (one line)."""
+    try:
+        return _read_image(path)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+        return _one_line(err)
+
+
+def _decode_chunk(paths: list[Path]) -> list[tuple[str, tuple[int, int]] | str]:
+    return [_decode(path) for path in paths]
+
+
+def _decode_all(paths: list[Path], workers: int) -> list[tuple[str, tuple[int, int]] | str]:
+    """Decode every file; a large folder in ``workers`` processes (ImageNet: 1.3 million files)."""
+    if workers < 2 or len(paths) < _PARALLEL_FROM:
+        return _decode_chunk(paths)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(256, len(paths) // (workers * 16))  # chunks small enough to balance, big enough to batch
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    # spawn: forking a process that holds torch's threads can deadlock the children.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [result for chunk in pool.map(_decode_chunk, chunks) for result in chunk]
+
+
+def _scan_cache_file(root: Path) -> Path:
+    """Where the scan of ``root`` is kept between runs: ``$S2AP_CACHE_DIR`` or ``~/.cache/s2ap``."""
+    base = Path(os.environ.get("S2AP_CACHE_DIR") or Path.home() / ".cache" / "s2ap")
+    return base / "folder_scans" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
+
+
+def _fingerprint(root: Path, paths: list[Path]) -> str:
+    """Every file's path, size and modification time: any change to the folder changes it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cached_scan(cache: Path, fingerprint: str) -> _FolderScan | None:
+    try:
+        saved = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("format") != _SCAN_FORMAT or saved.get("fingerprint") != fingerprint:
+        return None
+    scan = _FolderScan(Counter(saved["modes"]), Counter({(w, h): n for w, h, n in saved["sizes"]}))
+    for key, path in saved["examples"]:
+        scan.example[tuple(key) if isinstance(key, list) else key] = Path(path)
+    return scan
+
+
+def _store_scan(cache: Path, fingerprint: str, scan: _FolderScan) -> None:
+    """Keep a clean scan for the next run; a cache that cannot be written only costs that run time."""
+    saved = {
+        "format": _SCAN_FORMAT,
+        "fingerprint": fingerprint,
+        "modes": dict(scan.modes),
+        "sizes": [[w, h, n] for (w, h), n in scan.sizes.items()],
+        "examples": [[list(k) if isinstance(k, tuple) else k, str(p)] for k, p in scan.example.items()],
+    }
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(saved))
+        os.replace(tmp, cache)  # atomic: ranks of one DDP run may store the same scan at once
+    except OSError:
+        pass
+
+
+def _scan_image_folder(root: Path, splits: tuple[Path, ...], workers: int = 0) -> _FolderScan:
     """Decode every image of ``splits`` and count their modes and sizes.
 
     One bad file would otherwise stop training inside an epoch (in ``val/``: only at ``s2ap test``,
     after every epoch of fit), and the first file alone would decide channels and side for all.
+    A folder with many files is decoded in ``workers`` processes. A clean scan is kept (see
+    :func:`_scan_cache_file`) under the folder's fingerprint (every file's path, size and
+    modification time), so an unchanged folder is decoded once, not at every run: for ImageNet
+    that saves minutes per command; listing and stating its files still takes seconds.
 
     Raises:
         FileNotFoundError: a class folder holds no image file (torchvision would refuse it at setup).
@@ -206,39 +287,43 @@ def _scan_image_folder(root: Path, splits: tuple[Path, ...]) -> _FolderScan:
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision loads slowly
 
-    scan, bad, files, empty = _FolderScan(), [], 0, []
+    paths, empty = [], []
     for split in splits:
         for folder in _class_dirs(split):
-            paths = _class_images(folder)
-            if not paths:
+            found = _class_images(folder)
+            if not found:
                 empty.append(str(folder))
-            for path in paths:
-                files += 1
-                try:
-                    mode, size = _read_image(path)
-                except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
-                    bad.append((path, _one_line(err)))
-                    continue
-                scan.modes[mode] += 1
-                scan.sizes[size] += 1
-                kind = "grey" if mode in _GREY_MODES else "colour"
-                scan.example.setdefault(kind, path)
-                scan.example.setdefault(size, path)
+            paths += found
     if empty:
         raise FileNotFoundError(
             f"image folder {root}: {len(empty)} class folder(s) hold no image files "
             f"({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:_NAMED])}"
             + (f" and {len(empty) - _NAMED} more" if len(empty) > _NAMED else "")
         )
+    cache, fingerprint = _scan_cache_file(root), _fingerprint(root, paths)
+    scan = _cached_scan(cache, fingerprint)
+    if scan is not None:
+        return scan
+    scan, bad = _FolderScan(), []
+    for path, result in zip(paths, _decode_all(paths, workers), strict=True):
+        if isinstance(result, str):
+            bad.append((path, result))
+            continue
+        mode, size = result
+        scan.modes[mode] += 1
+        scan.sizes[size] += 1
+        scan.example.setdefault("grey" if mode in _GREY_MODES else "colour", path)
+        scan.example.setdefault(size, path)
     if bad:
         (first, why), rest = bad[0], [str(p) for p, _ in bad[1:]]
         also = f", also {', '.join(rest[:_NAMED])}" if rest else ""
         also += f" and {len(rest) - _NAMED} more" if len(rest) > _NAMED else ""
         raise ValueError(
-            f"cannot read image {first}: {why}; {len(bad)} of {files} image files under {root} cannot be "
-            f"decoded (truncated, corrupt or not images){also}: fix or remove "
+            f"cannot read image {first}: {why}; {len(bad)} of {len(paths)} image files under {root} cannot "
+            f"be decoded (truncated, corrupt or not images){also}: fix or remove "
             f"{'them' if rest else 'it'} before training, which would stop on {'each' if rest else 'it'}"
         )
+    _store_scan(cache, fingerprint, scan)
     return scan
 
 
@@ -283,16 +368,21 @@ def _choose_side(root: Path, scan: _FolderScan) -> int:
 
 
 def image_folder_info(
-    root: str | Path, crop_size: int | None = None, channels: int | None = None, imagenet: bool = False
+    root: str | Path,
+    crop_size: int | None = None,
+    channels: int | None = None,
+    imagenet: bool = False,
+    workers: int = 0,
 ) -> DatasetInfo:
     """Classes, channels and side of an image folder, known before training starts.
 
-    ``imagenet`` keeps ImageNet's conventions (3 channels, side 224 unless set) and is not decoded
-    here: its 1.3 million files would take many minutes. A plain image folder is decoded whole,
-    ``train/`` and ``val/``, so an unreadable file stops the command now and not inside an epoch
-    (or, in ``val/``, at ``s2ap test``). Unless set, channels and side are the majority's: greyscale
-    images stay one channel, images are used at their own size, and a folder that mixes either is
-    named in a warning with its counts and the choice made.
+    Every file of ``train/`` and ``val/`` is decoded, so an unreadable one stops the command now and
+    not inside an epoch (or, in ``val/``, at ``s2ap test``). ``imagenet`` keeps ImageNet's
+    conventions (3 channels, side 224 unless set): its first scan decodes 1.3 million files in
+    ``workers`` processes (the loader workers) and is then kept, see :func:`_scan_image_folder`. For
+    a plain image folder, unless set, channels and side are the majority's: greyscale images stay
+    one channel, images are used at their own size, and a folder that mixes either is named in a
+    warning with its counts and the choice made.
     """
     root = Path(root)
     train, test = root / "train", root / "val"
@@ -313,10 +403,10 @@ def image_folder_info(
             f"{test} and {train} hold different classes: only in train: {only_train or 'none'}; "
             f"only in val: {only_test or 'none'}"
         )
+    scan = _scan_image_folder(root, (train, test), workers)
+    _SCANS[root.resolve()] = scan
     if imagenet:
         return DatasetInfo(len(classes), channels or 3, crop_size or 224)
-    scan = _scan_image_folder(root, (train, test))
-    _SCANS[root.resolve()] = scan
     channels = channels or _choose_channels(root, scan)
     crop_size = crop_size or _choose_side(root, scan)
     return DatasetInfo(len(classes), channels, crop_size)

@@ -236,26 +236,38 @@ class S2APCLI(LightningCLI):
         """
         sub = self.subcommand
         folders: dict[str, tuple[str, str]] = {}
-        logger = self.trainer.logger
-        save_dir = getattr(logger, "save_dir", None) if logger is not None else None
-        if save_dir:
-            folders[str(save_dir)] = ("logs", "choose another --trainer.default_root_dir")
-        dirpath = self.config.get(f"{sub}.checkpoint.dirpath")
+
+        def add(folder: Any, what: str, remedy: str) -> None:
+            if folder and "://" not in str(folder):  # remote storage (fsspec) is not probed
+                folders[os.path.normpath(os.path.expanduser(str(folder)))] = (what, remedy)
+
+        root = self.trainer.default_root_dir
+        for logger in self.trainer.loggers:
+            add(getattr(logger, "save_dir", None), "logs", "choose another --trainer.default_root_dir")
         if sub == "fit":
-            folders[str(dirpath or self.trainer.default_root_dir)] = (
+            # Also where a pre-empted SLURM job saves its hpc checkpoint.
+            add(root, "checkpoints and logs", "choose another --trainer.default_root_dir")
+            add(
+                self.config.get("fit.checkpoint.dirpath"),
                 "checkpoints and logs",
                 "choose another --checkpoint.dirpath",
             )
         ckpt = self.config.get(f"{sub}.ckpt_path")
         if sub == "test" and ckpt and ckpt not in self.SPECIAL_CKPT:
-            folders[str(Path(ckpt).parent)] = (
+            add(
+                Path(ckpt).parent,
                 "the evaluation record (written beside the checkpoint)",
                 f"link the checkpoint into a writable folder (ln -s {Path(ckpt).resolve()} <folder>/) and "
                 "pass the link as --ckpt_path",
             )
+        elif sub == "test":  # the record goes beside the checkpoint Lightning finds, or into the run folder
+            add(
+                self.config.get("test.checkpoint.dirpath") or root,
+                "the evaluation record",
+                "choose another --checkpoint.dirpath",
+            )
         for folder, (what, remedy) in folders.items():
-            if "://" not in str(folder):  # remote storage (fsspec) is not probed
-                require_writable(folder, what, remedy)
+            require_writable(folder, what, remedy)
 
     def _refuse_overwrite(self) -> None:
         """A new `fit` never replaces another run's checkpoints (a better best.ckpt lost for good)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -14,8 +16,9 @@ from s2ap_lightning.attacks import ThreatModel
 from s2ap_lightning.evaluation import EvalProtocol
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
-# Image-folder scans are kept between runs (data/datasets.py); the tests keep theirs out of ~/.cache.
-os.environ.setdefault("S2AP_CACHE_DIR", tempfile.mkdtemp(prefix="s2ap-test-cache-"))
+# Image-folder scans are kept between runs (data/datasets.py); the tests keep theirs out of the user's.
+os.environ["S2AP_CACHE_DIR"] = tempfile.mkdtemp(prefix="s2ap-test-cache-")
+atexit.register(shutil.rmtree, os.environ["S2AP_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

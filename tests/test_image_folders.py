@@ -5,6 +5,7 @@ images per split, 20 in all); a damaged or odd file is never the first one, whic
 read before.
 """
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -177,28 +178,57 @@ def test_a_scan_is_kept_until_the_folder_changes(tmp_path, monkeypatch):
     files = grey_folder(tmp_path / "data")
     RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))
     (kept,) = (tmp_path / "cache" / "folder_scans").iterdir()
+    # A copy that keeps file times (a job's local copy made with rsync -a) is the same folder.
+    shutil.copytree(tmp_path / "data", tmp_path / "copy")
 
     def no_decoding(path):
         raise AssertionError(f"{path} decoded again")
 
     with monkeypatch.context() as m:
         m.setattr(datasets, "_read_image", no_decoding)
-        datasets._SCANS.clear()
-        dm = RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))  # from the kept scan
-        assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 1, 25)
+        for folder in ("data", "copy"):
+            datasets._SCANS.clear()
+            dm = RobustDataModule("imagefolder", data_dir=str(tmp_path / folder))  # from the kept scan
+            assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 1, 25)
     # Any change to a file (here its size) makes the folder a new one: decoded again, damage found.
     truncate(files[2])
     datasets._SCANS.clear()
     with pytest.raises(ValueError, match=rf"cannot read image {files[2]}"):
         RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))
-    assert kept.is_file(), "a scan that failed does not replace the kept one"
+    assert [p.name for p in kept.parent.iterdir()] == [kept.name], "a failed scan is not kept"
+    # A dangling link among the files is named like any unreadable file.
+    files[2].unlink()
+    files[2].symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ValueError, match=rf"cannot read image {files[2]}: .*No such file"):
+        RobustDataModule("imagefolder", data_dir=str(tmp_path / "data"))
     # A cache that cannot be written (here: a file where its folder should be) costs time, not the run.
+    files[2].unlink()
     monkeypatch.setenv("S2AP_CACHE_DIR", str(kept))
-    save(files[2], (25, 25))
-    assert RobustDataModule("imagefolder", data_dir=str(tmp_path / "data")).in_channels == 1
+    with pytest.warns(UserWarning, match=r"its scan cannot be kept in .*the next command decodes every file"):
+        assert RobustDataModule("imagefolder", data_dir=str(tmp_path / "data")).in_channels == 1
+
+
+def test_check_images_false_decodes_nothing(tmp_path, monkeypatch):
+    import s2ap_lightning.data.datasets as datasets
+
+    grey_folder(tmp_path)
+    monkeypatch.setattr(datasets, "_read_image", lambda path: pytest.fail(f"{path} decoded"))
+    dm = RobustDataModule("imagenet", data_dir=str(tmp_path), check_images=False, crop_size=16)
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 3, 16)
+    with pytest.raises(
+        ValueError, match=r"check_images=false .* data.channels and data.crop_size must be set"
+    ):
+        RobustDataModule("imagefolder", data_dir=str(tmp_path), check_images=False, channels=1)
+    dm = RobustDataModule(
+        "imagefolder", data_dir=str(tmp_path), check_images=False, channels=1, crop_size=25, val_fraction=0.25
+    )
+    dm.setup()
+    assert dm.test_set[0][0].shape == (1, 25, 25)
 
 
 def test_a_large_folder_is_decoded_in_parallel_with_the_same_result(tmp_path, monkeypatch):
+    import concurrent.futures
+
     import s2ap_lightning.data.datasets as datasets
 
     files = grey_folder(tmp_path)
@@ -207,10 +237,21 @@ def test_a_large_folder_is_decoded_in_parallel_with_the_same_result(tmp_path, mo
     splits = (tmp_path / "train", tmp_path / "val")
     monkeypatch.setenv("S2AP_CACHE_DIR", str(tmp_path / "no-cache"))
     monkeypatch.setattr(datasets, "_PARALLEL_FROM", 1)
+    monkeypatch.setattr(datasets, "_CHUNK_MIN", 3)  # 7 chunks of the 20 files: their order matters
+    pools = []
+
+    class CountedPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
     with pytest.raises(ValueError) as serial:
         datasets._scan_image_folder(tmp_path, splits, workers=0)
+    assert pools == []
     with pytest.raises(ValueError) as parallel:
         datasets._scan_image_folder(tmp_path, splits, workers=2)
+    assert pools == [(2,)]
     assert str(parallel.value) == str(serial.value) and str(files[3]) in str(serial.value)
     files[3].unlink()
     one, two = (datasets._scan_image_folder(tmp_path, splits, workers=w) for w in (0, 2))

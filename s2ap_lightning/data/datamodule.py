@@ -56,6 +56,10 @@ class RobustDataModule(L.LightningDataModule):
         augmentation: training augmentation of image folders: ``auto`` (random-resized crop and
             flip for ImageNet and colour images of side >= 64; else random crop with padding, no
             flip), ``none``, ``crop``, ``crop_flip``, ``imagenet``. ``augment: false`` turns it off.
+        check_images: decode every file of an image folder before training (default), so a bad one
+            fails now and not inside an epoch. ``false`` is for a folder known to be sound whose
+            first scan cannot be kept (ranks of a cluster job that start together each decode it);
+            ``imagefolder`` then needs ``channels`` and ``crop_size``.
 
     """
 
@@ -78,6 +82,7 @@ class RobustDataModule(L.LightningDataModule):
         crop_size: int | None = None,
         channels: int | None = None,
         augmentation: str = "auto",
+        check_images: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -100,7 +105,12 @@ class RobustDataModule(L.LightningDataModule):
             self.info = DatasetInfo(synthetic_classes, self.info.in_channels, synthetic_image_size)
         elif dataset in ("imagefolder", "imagenet"):
             self.info = image_folder_info(
-                data_dir, crop_size, channels, imagenet=dataset == "imagenet", workers=num_workers
+                data_dir,
+                crop_size,
+                channels,
+                imagenet=dataset == "imagenet",
+                workers=num_workers,
+                check=check_images,
             )
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -150,6 +160,7 @@ class RobustDataModule(L.LightningDataModule):
                 self.info,
                 hp.augmentation,
                 imagenet=hp.dataset == "imagenet",
+                check=hp.check_images,
             )
         else:
             splits = torchvision_dataset(

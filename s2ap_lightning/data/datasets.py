@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ _NAMED = 3
 _SCANS: dict[Path, _FolderScan] = {}
 # From this many files on, a scan decodes in parallel processes: each costs about two seconds to start.
 _PARALLEL_FROM = 20_000
+_CHUNK_MIN = 256
+# Part of every folder's fingerprint: bump it when what a scan records or how it decodes changes.
 _SCAN_FORMAT = 1
 
 
@@ -216,58 +219,90 @@ def _decode_all(paths: list[Path], workers: int) -> list[tuple[str, tuple[int, i
         return _decode_chunk(paths)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    size = max(256, len(paths) // (workers * 16))  # chunks small enough to balance, big enough to batch
+    size = max(_CHUNK_MIN, len(paths) // (workers * 16))  # small enough to balance, big enough to batch
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
-    # spawn: forking a process that holds torch's threads can deadlock the children.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [result for chunk in pool.map(_decode_chunk, chunks) for result in chunk]
-
-
-def _scan_cache_file(root: Path) -> Path:
-    """Where the scan of ``root`` is kept between runs: ``$S2AP_CACHE_DIR`` or ``~/.cache/s2ap``."""
-    base = Path(os.environ.get("S2AP_CACHE_DIR") or Path.home() / ".cache" / "s2ap")
-    return base / "folder_scans" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]}.json"
+    try:
+        # spawn: forking a process that holds torch's threads can deadlock the children.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [result for chunk in pool.map(_decode_chunk, chunks) for result in chunk]
+    except BrokenProcessPool as err:  # e.g. a script without `if __name__ == "__main__":` re-run by spawn
+        warnings.warn(
+            f"decoding the image folder in {workers} processes failed ({_one_line(err)}); decoding in this "
+            "one instead",
+            stacklevel=2,
+        )
+        return _decode_chunk(paths)
 
 
 def _fingerprint(root: Path, paths: list[Path]) -> str:
-    """Every file's path, size and modification time: any change to the folder changes it."""
-    digest = hashlib.sha256()
+    """The folder's identity: every file's path under ``root``, size and modification time, the decoder.
+
+    Any change to a file changes it; a copy that keeps sizes and times (``rsync -a``, ``cp -p``)
+    keeps it, so a folder copied to a job's local disk is not decoded again. A file that cannot be
+    stated (a dangling link) enters as such and the decode that follows names it.
+    """
+    import PIL
+
+    digest = hashlib.sha256(f"format {_SCAN_FORMAT}, Pillow {PIL.__version__}\n".encode())
     for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = path.stat()
+            entry = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError as err:
+            entry = f"unreadable {err.errno}"
+        digest.update(f"{path.relative_to(root)}\0{entry}\n".encode())
     return digest.hexdigest()
 
 
-def _cached_scan(cache: Path, fingerprint: str) -> _FolderScan | None:
+def _scan_cache_file(fingerprint: str) -> Path:
+    """Where a clean scan is kept between runs: ``$S2AP_CACHE_DIR`` or ``~/.cache/s2ap``."""
+    base = Path(os.environ.get("S2AP_CACHE_DIR") or Path.home() / ".cache" / "s2ap").expanduser()
+    return base / "folder_scans" / f"{fingerprint[:32]}.json"
+
+
+def _cached_scan(root: Path, fingerprint: str) -> _FolderScan | None:
     try:
-        saved = json.loads(cache.read_text())
-    except (OSError, ValueError):
+        saved = json.loads(_scan_cache_file(fingerprint).read_text())
+        if saved["fingerprint"] != fingerprint:
+            return None
+        scan = _FolderScan(Counter(saved["modes"]), Counter({(w, h): n for w, h, n in saved["sizes"]}))
+        for key, path in saved["examples"]:  # kept relative to the folder, which may have moved
+            scan.example[tuple(key) if isinstance(key, list) else key] = root / path
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not one this version wrote
         return None
-    if saved.get("format") != _SCAN_FORMAT or saved.get("fingerprint") != fingerprint:
-        return None
-    scan = _FolderScan(Counter(saved["modes"]), Counter({(w, h): n for w, h, n in saved["sizes"]}))
-    for key, path in saved["examples"]:
-        scan.example[tuple(key) if isinstance(key, list) else key] = Path(path)
     return scan
 
 
-def _store_scan(cache: Path, fingerprint: str, scan: _FolderScan) -> None:
-    """Keep a clean scan for the next run; a cache that cannot be written only costs that run time."""
+def _store_scan(root: Path, fingerprint: str, scan: _FolderScan) -> None:
+    """Keep a clean scan for the next run; a cache that cannot be written costs the next run time."""
+    cache = _scan_cache_file(fingerprint)
     saved = {
-        "format": _SCAN_FORMAT,
         "fingerprint": fingerprint,
+        "folder": str(root.resolve()),  # for a reader of the cache; the fingerprint is the key
         "modes": dict(scan.modes),
         "sizes": [[w, h, n] for (w, h), n in scan.sizes.items()],
-        "examples": [[list(k) if isinstance(k, tuple) else k, str(p)] for k, p in scan.example.items()],
+        "examples": [
+            [list(k) if isinstance(k, tuple) else k, str(p.relative_to(root))]
+            for k, p in scan.example.items()
+        ],
     }
+    tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved))
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(saved, fh)
         os.replace(tmp, cache)  # atomic: ranks of one DDP run may store the same scan at once
-    except OSError:
-        pass
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        warnings.warn(
+            f"image folder {root}: its scan cannot be kept in {cache.parent} ({_one_line(err)}), so the next "
+            "command decodes every file again; set S2AP_CACHE_DIR to a writable folder",
+            stacklevel=3,
+        )
 
 
 def _scan_image_folder(root: Path, splits: tuple[Path, ...], workers: int = 0) -> _FolderScan:
@@ -276,9 +311,9 @@ def _scan_image_folder(root: Path, splits: tuple[Path, ...], workers: int = 0) -
     One bad file would otherwise stop training inside an epoch (in ``val/``: only at ``s2ap test``,
     after every epoch of fit), and the first file alone would decide channels and side for all.
     A folder with many files is decoded in ``workers`` processes. A clean scan is kept (see
-    :func:`_scan_cache_file`) under the folder's fingerprint (every file's path, size and
-    modification time), so an unchanged folder is decoded once, not at every run: for ImageNet
-    that saves minutes per command; listing and stating its files still takes seconds.
+    :func:`_scan_cache_file`) under the folder's fingerprint (:func:`_fingerprint`), so an unchanged
+    folder, or a copy of it that keeps file times, is decoded once and not at every command: for
+    ImageNet that saves many minutes per command; listing and stating its files still takes seconds.
 
     Raises:
         FileNotFoundError: a class folder holds no image file (torchvision would refuse it at setup).
@@ -300,8 +335,8 @@ def _scan_image_folder(root: Path, splits: tuple[Path, ...], workers: int = 0) -
             f"({', '.join(IMG_EXTENSIONS)}): {', '.join(empty[:_NAMED])}"
             + (f" and {len(empty) - _NAMED} more" if len(empty) > _NAMED else "")
         )
-    cache, fingerprint = _scan_cache_file(root), _fingerprint(root, paths)
-    scan = _cached_scan(cache, fingerprint)
+    fingerprint = _fingerprint(root, paths)
+    scan = _cached_scan(root, fingerprint)
     if scan is not None:
         return scan
     scan, bad = _FolderScan(), []
@@ -323,7 +358,7 @@ def _scan_image_folder(root: Path, splits: tuple[Path, ...], workers: int = 0) -
             f"be decoded (truncated, corrupt or not images){also}: fix or remove "
             f"{'them' if rest else 'it'} before training, which would stop on {'each' if rest else 'it'}"
         )
-    _store_scan(cache, fingerprint, scan)
+    _store_scan(root, fingerprint, scan)
     return scan
 
 
@@ -373,6 +408,7 @@ def image_folder_info(
     channels: int | None = None,
     imagenet: bool = False,
     workers: int = 0,
+    check: bool = True,
 ) -> DatasetInfo:
     """Classes, channels and side of an image folder, known before training starts.
 
@@ -382,7 +418,8 @@ def image_folder_info(
     ``workers`` processes (the loader workers) and is then kept, see :func:`_scan_image_folder`. For
     a plain image folder, unless set, channels and side are the majority's: greyscale images stay
     one channel, images are used at their own size, and a folder that mixes either is named in a
-    warning with its counts and the choice made.
+    warning with its counts and the choice made. ``check=False`` decodes nothing (a folder known to be
+    sound); an ``imagefolder`` then needs ``channels`` and ``crop_size``, which nothing else gives.
     """
     root = Path(root)
     train, test = root / "train", root / "val"
@@ -403,6 +440,15 @@ def image_folder_info(
             f"{test} and {train} hold different classes: only in train: {only_train or 'none'}; "
             f"only in val: {only_test or 'none'}"
         )
+    if not check:
+        if imagenet:
+            return DatasetInfo(len(classes), channels or 3, crop_size or 224)
+        if channels is None or crop_size is None:
+            raise ValueError(
+                f"check_images=false decodes no image of {root}, so data.channels and data.crop_size must "
+                f"be set (they are {channels} and {crop_size}); or leave check_images on"
+            )
+        return DatasetInfo(len(classes), channels, crop_size)
     scan = _scan_image_folder(root, (train, test), workers)
     _SCANS[root.resolve()] = scan
     if imagenet:
@@ -465,6 +511,7 @@ def image_folder(
     info: DatasetInfo,
     augmentation: str = "auto",
     imagenet: bool = False,
+    check: bool = True,
 ) -> tuple[Dataset, Dataset, Dataset]:
     """ImageNet layout: ``train/`` (training and validation, split with a seed) and ``val/`` (test).
 
@@ -474,7 +521,7 @@ def image_folder(
     from torchvision import datasets  # torchvision loads slowly; only image datasets need it
 
     root = Path(root)
-    if not imagenet:
+    if check and not imagenet:
         scan = _SCANS.get(root.resolve()) or _scan_image_folder(root, (root / "train", root / "val"))
         side, n = scan.side(), scan.sizes[scan.size()]
         if side < info.image_size:

@@ -122,13 +122,19 @@ def test_two_pgd_attacks_with_different_random_starts_agree_on_a_healthy_model()
     model = trained_mlp()
     x, y = held_out()
     runs = []
-    for seed in (0, 1):
+    # PGD-5: short enough that the random start decides some images. PGD-20 converges to the same
+    # outcome from every start on some machines' numerics, which would leave nothing to judge.
+    for seed in (0, 1, 2):
         torch.manual_seed(seed)
-        runs.append(evaluate_batch(model, x, y, THREAT, PGD_ONLY)["pgd"])
-    first = not_more_accurate(runs[0], runs[1], "pgd seed 0", "pgd seed 1")
-    second = not_more_accurate(runs[1], runs[0], "pgd seed 1", "pgd seed 0")
-    assert first["a_only"] + first["b_only"] > 0, "the random starts do change some images"
-    assert first["passed"] and second["passed"]
+        runs.append(evaluate_batch(model, x, y, THREAT, EvalProtocol(pgd_steps=5, aa_images=0))["pgd"])
+    checks = [
+        not_more_accurate(runs[a], runs[b], f"seed {a}", f"seed {b}")
+        for a in range(3)
+        for b in range(3)
+        if a != b
+    ]
+    assert sum(c["a_only"] for c in checks) > 0, "the random starts do change some images"
+    assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     # And the whole evaluation of the healthy model, AutoAttack on a sample included, passes.
     rec = evaluate(model, held_out(), THREAT, EvalProtocol(pgd_steps=20, aa_images=40))
     assert rec.passed, rec.failures()

@@ -240,12 +240,12 @@ def test_a_large_folder_is_decoded_in_parallel_with_the_same_result(tmp_path, mo
     monkeypatch.setattr(datasets, "_CHUNK_MIN", 3)  # 7 chunks of the 20 files: their order matters
     pools = []
 
-    class CountedPool(concurrent.futures.ProcessPoolExecutor):
+    class CountedPool(concurrent.futures.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(args)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", CountedPool)
     with pytest.raises(ValueError) as serial:
         datasets._scan_image_folder(tmp_path, splits, workers=0)
     assert pools == []

@@ -36,7 +36,7 @@ class RobustDataModule(L.LightningDataModule):
         val_fraction: share of the training data held out for validation (model selection).
         split_seed: seed of the train/val(/test for digits and synthetic) split; separate from the
             training seed so that every run of a comparison sees the same split.
-        num_workers: loader workers; also the processes that decode a large image folder (every file
+        num_workers: loader workers; also the threads that decode a large image folder (every file
             is decoded before training; the scan is then kept, so an unchanged folder is decoded once).
         augment: standard crop-and-flip augmentation for the torchvision datasets.
         download: let torchvision download the files (off: the machines it runs on are often

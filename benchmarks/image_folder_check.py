@@ -55,7 +55,8 @@ def main() -> None:
     kind = "RGB" if args.rgb else "greyscale"
     print(
         f"{args.images} {args.side}x{args.side} {kind} {args.ext.upper()}s, {args.workers} workers: "
-        f"decoded and checked in {seconds[0]:.2f} s, unchanged folder from the kept scan in {seconds[1]:.2f} s ({info})"
+        f"decoded and checked in {seconds[0]:.2f} s, unchanged folder from the kept scan in "
+        f"{seconds[1]:.2f} s ({info})"
     )
 
 

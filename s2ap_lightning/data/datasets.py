@@ -217,7 +217,7 @@ def _decode_all(paths: list[Path], workers: int) -> list[tuple[str, tuple[int, i
     """Decode every file; a large folder in ``workers`` threads (ImageNet: 1.3 million files).
 
     Threads, not processes: Pillow's decoders release the GIL, so threads scale with the cores
-    (1.7x with 2 threads on 2 cores, benchmarks/README), while each spawned process would first
+    (1.9x with 2 threads on 2 cores, benchmarks/README), while each spawned process would first
     import torch and the command's own modules, about 11 s here before it decodes anything.
     """
     if workers < 2 or len(paths) < _PARALLEL_FROM:

@@ -201,13 +201,31 @@ def test_no_collapse_is_stated_as_such(tmp_path):
     fake_study(spec, lambda s, sp, v, a: 0.8 + 0.01 * s + (0.01 if v == "s2ap" else 0), lambda *a: False)
     text = write_study_report(spec).read_text()
     assert (
-        "- `hydra`, plain finetuning: no collapse up to 0.9. PGD 0.9: +1.0 ± 0.0 (3 pairs, S2AP better)"
+        "- `hydra`, plain finetuning: no collapse point up to 0.9. PGD 0.9: +1.0 ± 0.0 (3 pairs, S2AP better)"
         in text
     )
     assert (
         "collapsed member"
         not in text.split("## Paired difference")[1].split("## Gamma")[0].split("\n\n", 2)[2]
     )
+
+
+def test_collapsed_models_below_the_collapse_rule_are_named(tmp_path):
+    """One base model of three collapsed: no collapse point (the rule needs half), but it is said."""
+    spec = StudySpec(
+        data_config=DATA, out=str(tmp_path), sparsities=[0.9, 0.99], gammas=[0.01], seeds=[1, 2, 3]
+    )
+    save_spec(spec)
+    fake_study(spec, lambda s, sp, v, a: 0.8, lambda s, sp, v, a: (s, sp, v) == (3, 0.99, "base"))
+    reading = next(
+        line
+        for line in write_study_report(spec).read_text().splitlines()
+        if line.startswith("- `hydra`, plain")
+    )
+    assert reading.startswith(
+        "- `hydra`, plain finetuning: no collapse point up to 0.99 (fewer than half of the base models "
+        "collapsed: 1 of 3 at 0.99)."
+    ), reading
 
 
 def preset(name):

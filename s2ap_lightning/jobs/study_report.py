@@ -247,7 +247,18 @@ def regime_lines(spec: StudySpec, rows: list[ResultRow], plot: str) -> list[str]
         for arm in spec.arms:
             point = collapse_point(rows, base, arm, spec.sparsities)
             if point is None:
-                collapse = f"no collapse up to {max(spec.sparsities):g}"
+                # Below the rule's half, collapsed models are still named: "no collapse" alone would
+                # hide that some seeds already answer one class.
+                partial = [
+                    f"{sum(r.collapsed for r in group)} of {len(group)} at {sp:g}"
+                    for sp in sorted(spec.sparsities)
+                    if (group := _finals_of(rows, base, "base", sp, arm)) and any(r.collapsed for r in group)
+                ]
+                collapse = f"no collapse point up to {max(spec.sparsities):g}" + (
+                    f" (fewer than half of the base models collapsed: {', '.join(partial)})"
+                    if partial
+                    else ""
+                )
             else:
                 sp, down, n = point
                 before = [s for s in sorted(spec.sparsities) if s < sp]

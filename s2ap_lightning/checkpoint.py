@@ -16,12 +16,14 @@ weights; what it does with the rest, and what it ignored, is said in one line
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -287,25 +289,33 @@ def _umask() -> int:
     return mask
 
 
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``.
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temporary file in the same folder, then rename it over ``path``.
 
-    A crash during the write leaves the previous file intact: rename is atomic on POSIX.
+    A crash during the write leaves the previous file intact (rename is atomic on POSIX), and two
+    processes writing the same path at once each rename a whole file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; a checkpoint should get the permissions any file would.
+        # mkstemp creates 0600 files; the result should get the permissions any file would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_file`: a crash mid-save keeps the previous checkpoint."""
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

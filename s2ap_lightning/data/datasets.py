@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+from s2ap_lightning.checkpoint import atomic_file
 
 
 @dataclass(frozen=True)
@@ -282,16 +283,10 @@ def _store_scan(root: Path, fingerprint: str, scan: _FolderScan) -> None:
             for k, p in scan.example.items()
         ],
     }
-    tmp = None
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
+        with atomic_file(cache, "w") as fh:  # ranks of one DDP run may store the same scan at once
             json.dump(saved, fh)
-        os.replace(tmp, cache)  # atomic: ranks of one DDP run may store the same scan at once
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         warnings.warn(
             f"image folder {root}: its scan cannot be kept in {cache.parent} ({_one_line(err)}), so the next "
             "command decodes every file again; set S2AP_CACHE_DIR to a writable folder",

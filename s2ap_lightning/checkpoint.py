@@ -290,17 +290,19 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_file(path: str | Path, mode: str = "wb", newline: str | None = None) -> Iterator[IO[Any]]:
     """Write to a temporary file in the same folder, then rename it over ``path``.
 
     A crash during the write leaves the previous file intact (rename is atomic on POSIX), and two
-    processes writing the same path at once each rename a whole file.
+    processes writing the same path at once each rename a whole file: the temporary name is unique
+    (a fixed ``<name>.tmp`` would let one writer rename the other's half-written file).
+    ``newline`` is :func:`open`'s (``""`` for :mod:`csv`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, newline=newline) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +22,7 @@ from typing import Any
 
 from s2ap_lightning.analysis.plotting import subplots
 from s2ap_lightning.analysis.stability import hamming, load_masks
-from s2ap_lightning.checkpoint import CheckpointError, load_file
+from s2ap_lightning.checkpoint import CheckpointError, atomic_file, load_file
 from s2ap_lightning.evaluation.record import git_commit
 from s2ap_lightning.export import plain_model, sparsity_table
 from s2ap_lightning.pruning.methods import method_from_config
@@ -241,14 +240,12 @@ def threat_text(norm: str | None, eps: float | str | None) -> str:
 def write_results_csv(rows: Sequence[ResultRow], path: str | Path) -> Path:
     """Write rows as CSV (:data:`RESULT_COLUMNS`), atomically: a crash keeps the previous file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         for row in rows:
             values = row.as_dict()
             writer.writerow({**values, "check_failures": "; ".join(values["check_failures"])})
-    os.replace(tmp, path)
     return path
 
 
@@ -454,9 +451,8 @@ def write_report(
     for caption, file in drawn:
         lines += ["", f"## {caption}", "", f"![{caption}]({file})"]
     path = folder / name
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
     return path
 
 

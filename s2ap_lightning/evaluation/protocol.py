@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from s2ap_lightning.attacks.pgd import ThreatModel, attack_context, pgd_ce
+from s2ap_lightning.checkpoint import atomic_file
 from s2ap_lightning.checks import check_range
 from s2ap_lightning.data.subsets import class_counts, stratified_indices
 from s2ap_lightning.evaluation.autoattack import (
@@ -452,8 +452,6 @@ def _images(data: tuple[Tensor, Tensor] | Dataset) -> _Images:
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
     """Write a JSON evaluation record atomically (a crash never leaves half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as fh:
+        fh.write(json.dumps(record, indent=2, default=str) + "\n")
     return path

@@ -25,7 +25,7 @@ import yaml
 
 from s2ap_lightning.analysis.report import FINETUNE_ARMS, ResultRow
 from s2ap_lightning.analysis.sharpness import score_space_sharpness
-from s2ap_lightning.checkpoint import load_file, model_state_dict
+from s2ap_lightning.checkpoint import atomic_file, load_file, model_state_dict
 from s2ap_lightning.data import RobustDataModule, split_tensors
 from s2ap_lightning.evaluation import EvalProtocol, write_record
 from s2ap_lightning.evaluation.record import git_commit
@@ -362,9 +362,8 @@ def save_spec(spec: StudySpec) -> Path:
     """``spec.yaml`` in the study folder: what the cells there were run with."""
     spec.folder.mkdir(parents=True, exist_ok=True)
     path = spec.folder / "spec.yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(asdict(spec), sort_keys=False))
-    tmp.replace(path)  # a crash keeps the previous spec whole
+    with atomic_file(path, "w") as fh:  # a crash keeps the previous spec whole
+        fh.write(yaml.safe_dump(asdict(spec), sort_keys=False))
     return path
 
 

@@ -39,6 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from s2ap_lightning.checkpoint import atomic_file
 from s2ap_lightning.jobs.cells import (
     Cell,
     StudyContext,
@@ -307,10 +308,8 @@ class SubmittedJobs:
 
     def record(self, cell: Cell, job_id: str) -> None:
         self.jobs[cell.key] = job_id
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.jobs, indent=1))
-        tmp.replace(self.path)
+        with atomic_file(self.path, "w") as fh:
+            fh.write(json.dumps(self.jobs, indent=1))
 
     def log_of(self, job_id: str) -> Path:
         return self.folder / f"{job_id}_0_log.err"

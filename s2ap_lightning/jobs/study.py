@@ -53,6 +53,7 @@ from s2ap_lightning.jobs.cells import (
     save_spec,
 )
 from s2ap_lightning.jobs.study_report import write_study_report
+from s2ap_lightning.quiet import silence_known_noise
 
 __all__ = [
     "Cell",
@@ -120,6 +121,7 @@ def _init_worker(spec_dict: dict[str, Any], threads: int) -> None:
 
     import torch
 
+    silence_known_noise()  # a spawned worker starts with Python's default filters, not the CLI's
     torch.set_num_threads(threads)
     _WORKER.update(spec=StudySpec(**spec_dict), ctx=None)
     parent = os.getppid()
@@ -245,6 +247,7 @@ def run_parallel(spec: StudySpec) -> None:
 
 
 def _cell_job(spec_dict: dict[str, Any], cell_dict: dict[str, Any]) -> str:
+    silence_known_noise()  # a SLURM job is a new process: the CLI's filters are not inherited
     spec = StudySpec(**spec_dict)
     cell = Cell.from_dict(cell_dict)  # also a cell queued by an older version (gamma as a 0/1 flag)
     run_cell(spec, cell)

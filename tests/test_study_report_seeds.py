@@ -147,7 +147,10 @@ def write_png_folder(root, classes=2, per_class=3, size=12):
 
 
 def test_readme_own_data_study_spec_parses_and_builds_the_datamodule(tmp_path, monkeypatch):
+    import torch
+
     from s2ap_lightning.data import RobustDataModule
+    from s2ap_lightning.models import build_model
 
     section = readme_section("Your own data")
     block = re.search(r"```yaml\n(# my_data.yaml\n.*?)```", section, re.S).group(1)
@@ -166,13 +169,16 @@ def test_readme_own_data_study_spec_parses_and_builds_the_datamodule(tmp_path, m
     assert main(argv[1:]) == 0
     (spec,) = captured
     assert spec.data_config == "my_data.yaml" and spec.seeds == [1, 2, 3, 4, 5]
-    assert spec.sparsities == [0.9] and spec.gammas == [0.001, 0.01, 0.05]
+    assert spec.sparsities == [0.9] and spec.gammas == [0.001, 0.01, 0.05] and spec.workers == 2
 
     data_kw, model_kw = spec.data_settings()
     assert data_kw == {"dataset": "imagefolder", "data_dir": "mydata", "batch_size": 64}
-    assert model_kw == {"model": "small_cnn", "threat": {"eps": 0.1, "step_size": 0.025, "steps": 10}}
+    assert model_kw == {"model": "mlp", "threat": {"eps": 0.1, "step_size": 0.025, "steps": 10}}
     dm = RobustDataModule(**data_kw)
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (2, 3, 12)
+    # The MLP's first layer is sized by the folder's images, as the study's cells build it.
+    net = build_model(model_kw["model"], dm.num_classes, dm.in_channels, image_size=dm.image_size)
+    assert net.eval()(torch.zeros(2, dm.in_channels, dm.image_size, dm.image_size)).shape == (2, 2)
 
 
 # ----------------------------------------------------------------------------- older study folders

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=28)
     parser.add_argument("--rgb", action="store_true")
     parser.add_argument("--ext", default="png", choices=["png", "jpg"], help="file format (jpg: noise JPEGs)")
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes (data.num_workers)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding threads (data.num_workers)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -217,9 +217,9 @@ def _decode_chunk(paths: list[Path]) -> list[tuple[str, tuple[int, int]] | str]:
 def _decode_all(paths: list[Path], workers: int) -> list[tuple[str, tuple[int, int]] | str]:
     """Decode every file; a large folder in ``workers`` threads (ImageNet: 1.3 million files).
 
-    Threads, not processes: Pillow's decoders release the GIL, so threads scale with the cores
-    (1.9x with 2 threads on 2 cores, benchmarks/README), while each spawned process would first
-    import torch and the command's own modules, about 11 s here before it decodes anything.
+    Threads, not processes: Pillow's decoders release the GIL, so threads scale with the cores,
+    while each spawned process would first import torch and the command's own modules before it
+    decodes anything (measured in benchmarks/README, "Image-folder check").
     """
     if workers < 2 or len(paths) < _PARALLEL_FROM:
         return _decode_chunk(paths)

@@ -360,9 +360,8 @@ def _check_data_keys(data: dict[str, Any], where: str) -> None:
 
 def save_spec(spec: StudySpec) -> Path:
     """``spec.yaml`` in the study folder: what the cells there were run with."""
-    spec.folder.mkdir(parents=True, exist_ok=True)
     path = spec.folder / "spec.yaml"
-    with atomic_file(path, "w") as fh:  # a crash keeps the previous spec whole
+    with atomic_file(path, "w") as fh:  # makes the folder; a crash keeps the previous spec whole
         fh.write(yaml.safe_dump(asdict(spec), sort_keys=False))
     return path
 

@@ -133,6 +133,18 @@ def verdict(diff_mean: float, diff_half: float, n: int | None = None) -> str:
     return "no detectable difference"
 
 
+def collapsed_counts(
+    rows: list[ResultRow], base: str, arm: str | None, sparsities: list[float]
+) -> list[tuple[float, int, int]]:
+    """``(sparsity, collapsed, models)`` of the base method's finetuned models, lowest sparsity first."""
+    counts = []
+    for sp in sorted(sparsities):
+        group = _finals_of(rows, base, "base", sp, arm)
+        if group:
+            counts.append((sp, sum(1 for r in group if r.collapsed), len(group)))
+    return counts
+
+
 def collapse_point(
     rows: list[ResultRow], base: str, arm: str | None, sparsities: list[float]
 ) -> tuple[float, int, int] | None:
@@ -140,12 +152,7 @@ def collapse_point(
 
     Returns ``(sparsity, collapsed, models)``, or None when no sparsity of the study reaches it.
     """
-    for sp in sorted(sparsities):
-        group = _finals_of(rows, base, "base", sp, arm)
-        down = sum(1 for r in group if r.collapsed)
-        if group and 2 * down >= len(group):
-            return sp, down, len(group)
-    return None
+    return next((c for c in collapsed_counts(rows, base, arm, sparsities) if 2 * c[1] >= c[2]), None)
 
 
 def _finals_of(
@@ -250,9 +257,9 @@ def regime_lines(spec: StudySpec, rows: list[ResultRow], plot: str) -> list[str]
                 # Below the rule's half, collapsed models are still named: "no collapse" alone would
                 # hide that some seeds already answer one class.
                 partial = [
-                    f"{sum(r.collapsed for r in group)} of {len(group)} at {sp:g}"
-                    for sp in sorted(spec.sparsities)
-                    if (group := _finals_of(rows, base, "base", sp, arm)) and any(r.collapsed for r in group)
+                    f"{down} of {n} at {sp:g}"
+                    for sp, down, n in collapsed_counts(rows, base, arm, spec.sparsities)
+                    if down
                 ]
                 collapse = f"no collapse point up to {max(spec.sparsities):g}" + (
                     f" (fewer than half of the base models collapsed: {', '.join(partial)})"
